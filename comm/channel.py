@@ -1,0 +1,112 @@
+"""The trajectory channel: GRPO groups over ZeroMQ PUSH/PULL, one group per message.
+
+Receivers (judges, learner) bind; senders (generators, judges) connect to one or more
+receivers and ZeroMQ deals whole groups among them round-robin. Queues are bounded by
+high-water marks counted in messages (groups), so a slow receiver pushes back on its
+senders instead of letting memory grow.
+"""
+import math
+import time
+from collections import Counter
+
+import zmq
+from loguru import logger
+
+from comm.wire import Trajectory, WireError, decode_group, encode_group
+
+SENDER_LINGER_MS = 2_000  # after close, how long queued groups may still be flushed to receivers
+
+
+class ChannelTimeout(TimeoutError):
+    """A send that waited longer than its timeout for room in any receiver's queue."""
+
+
+class TrajectoryReceiver:
+    """PULL end of the channel; binds a random TCP port on `host`.
+
+    Delivery: `recv_group` blocks up to `timeout_s` and returns one decoded group, or None when
+    none arrived in time. Up to `hwm` groups wait in this socket's queue (RCVHWM); when it is
+    full, ZeroMQ stops reading from the senders, whose own queues then fill and block their
+    `send_group`. A malformed message (not msgpack, unknown schema version, truncated or
+    mis-shaped array, ...) is dropped, counted in `self.dropped[reason]` and logged at WARNING
+    the first time each reason occurs; `recv_group` never raises on bad input and keeps
+    waiting for a valid group until its deadline. Groups still queued at `close` are discarded
+    (LINGER 0). Decoded arrays are views of the received ZeroMQ frames, not copies.
+
+    Not thread-safe: create, use and close it from one thread.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", hwm: int = 64):
+        self._socket = zmq.Context.instance().socket(zmq.PULL)
+        self._socket.setsockopt(zmq.RCVHWM, hwm)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        self.endpoint = f"tcp://{host}:{port}"
+        self.dropped: Counter[str] = Counter()
+        logger.debug("trajectory receiver bound at {} (hwm={})", self.endpoint, hwm)
+
+    def recv_group(self, timeout_s: float) -> list[Trajectory] | None:
+        """The next valid group, or None if none arrives within `timeout_s` seconds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = math.ceil(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                return None
+            frames = self._socket.recv_multipart(copy=False)
+            try:
+                return decode_group([frame.buffer for frame in frames])
+            except WireError as error:
+                self._count_drop(error)
+
+    def close(self) -> None:
+        """Close the socket at once; queued groups are discarded."""
+        self._socket.close()
+
+    def _count_drop(self, error: WireError) -> None:
+        self.dropped[error.reason] += 1
+        if self.dropped[error.reason] == 1:
+            logger.warning("{} dropped a malformed message ({}); further '{}' drops are only counted",
+                           self.endpoint, error, error.reason)
+
+
+class TrajectorySender:
+    """PUSH end of the channel; connects to every endpoint in `endpoints`.
+
+    Delivery: each endpoint gets its own outgoing queue of up to `hwm` groups (SNDHWM) from the
+    moment of connect, before the TCP connection is up; groups are dealt round-robin among the
+    endpoints whose queue has room. `send_group` returns once the group is queued, not
+    delivered. It blocks while every queue is full (backpressure) and raises ChannelTimeout
+    after `send_timeout_s`; then the group was not queued and nothing was dropped. A queued
+    group is delivered while its receiver lives; groups queued for a receiver that died are
+    lost with it. After `close`, queued groups get SENDER_LINGER_MS to flush, then are dropped.
+
+    The arrays of a sent group are passed to ZeroMQ without a copy: do not modify them after
+    `send_group`. Not thread-safe: use from one thread.
+    """
+
+    def __init__(self, endpoints: list[str], hwm: int = 64, send_timeout_s: float = 60.0):
+        if not endpoints:
+            raise ValueError("a TrajectorySender needs at least one receiver endpoint")
+        self.endpoints = list(endpoints)
+        self._send_timeout_s = send_timeout_s
+        self._socket = zmq.Context.instance().socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.SNDHWM, hwm)
+        self._socket.setsockopt(zmq.SNDTIMEO, math.ceil(send_timeout_s * 1000))
+        self._socket.setsockopt(zmq.LINGER, SENDER_LINGER_MS)
+        for endpoint in self.endpoints:
+            self._socket.connect(endpoint)
+        logger.debug("trajectory sender connected to {} (hwm={})", self.endpoints, hwm)
+
+    def send_group(self, trajectories: list[Trajectory]) -> None:
+        """Queue one group; blocks while all receivers are full, ChannelTimeout after the timeout."""
+        frames = encode_group(trajectories)
+        try:
+            self._socket.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise ChannelTimeout(
+                f"send_group to {self.endpoints} timed out after {self._send_timeout_s}s: "
+                "every receiver's queue is full or none is reachable") from None
+
+    def close(self) -> None:
+        """Close the socket; queued groups get SENDER_LINGER_MS to reach their receivers."""
+        self._socket.close()

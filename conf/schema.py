@@ -1,0 +1,139 @@
+"""The config schema: dataclasses with defaults and a help string per field.
+
+Hydra YAML (conf/config.yaml and the groups beside it) only supplies values;
+command-line overrides (`python run.py generator.num=3 learner.lr=3e-4`) are
+merged on top and the result is checked once by `conf.load.validate`.
+"""
+from dataclasses import dataclass, field
+
+
+def _f(default, help: str):
+    """A dataclass field with a default and a help string kept in its metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "name of the preset these values came from")
+    vocab_size: int = _f(32, "vocabulary size (set from the task's tokenizer when 0)")
+    hidden_size: int = _f(128, "residual stream width")
+    num_layers: int = _f(3, "transformer blocks")
+    first_k_dense: int = _f(1, "the first k blocks use a dense FFN, the rest MoE")
+    num_heads: int = _f(4, "query heads")
+    num_kv_heads: int = _f(2, "key/value heads (GQA)")
+    head_dim: int = _f(32, "per-head width")
+    rotary_fraction: float = _f(0.5, "fraction of head_dim that gets rotary embedding")
+    rope_base: float = _f(600000.0, "RoPE base frequency")
+    dense_ffn_size: int = _f(256, "hidden width of the dense FFN blocks")
+    num_experts: int = _f(8, "routed experts per MoE block")
+    top_k: int = _f(2, "routed experts per token")
+    expert_ffn_size: int = _f(64, "hidden width of each routed expert")
+    num_shared_experts: int = _f(1, "always-on shared experts per MoE block")
+    num_expert_groups: int = _f(1, "expert groups for group-limited routing")
+    topk_groups: int = _f(1, "groups a token may route into")
+    routed_scaling_factor: float = _f(1.0, "multiplier on the renormalised top-k weights")
+    expert_bias_rate: float = _f(1e-3, "step of the aux-loss-free expert bias update (0 disables)")
+    norm_eps: float = _f(1e-6, "RMSNorm epsilon")
+    max_seq_len: int = _f(64, "longest prompt+completion the model is built for")
+    init_std: float = _f(0.02, "std of the normal weight init")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("carry_add", "built-in task: carry_add")
+    digits: int = _f(2, "digits per operand")
+    carry_slip: float = _f(0.6, "warm-up demos drop each carry with this probability (imperfect SFT data)")
+    eval_prompts: int = _f(256, "held-out prompts for greedy evaluation")
+    seed: int = _f(0, "seed of prompt sampling and the held-out split")
+
+
+@dataclass
+class GeneratorConfig:
+    num: int = _f(1, "generator actors")
+    num_cpus: float = _f(1.0, "CPUs reserved per generator actor")
+    max_slots: int = _f(256, "sequences decoded together (continuous batching slots)")
+    max_new_tokens: int = _f(16, "completion length limit")
+    temperature: float = _f(1.0, "sampling temperature (the learner uses the same)")
+    torch_threads: int = _f(1, "torch intra-op threads in each generator")
+
+
+@dataclass
+class JudgeConfig:
+    num: int = _f(1, "judge actors")
+    num_cpus: float = _f(0.25, "CPUs reserved per judge actor")
+    timeout_s: float = _f(5.0, "per-sample scoring timeout; a timeout scores 0 and is counted")
+
+
+@dataclass
+class LearnerConfig:
+    num: int = _f(1, "learner actors (shards)")
+    num_cpus: float = _f(1.0, "CPUs reserved per learner actor")
+    lr: float = _f(1e-3, "AdamW learning rate for RL")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "max gradient norm")
+    warmup_steps: int = _f(300, "supervised warm-up steps on imperfect demonstrations")
+    warmup_lr: float = _f(3e-3, "learning rate of the supervised warm-up")
+    warmup_batch: int = _f(128, "demonstrations per warm-up step")
+    torch_threads: int = _f(1, "torch intra-op threads in each learner")
+    recv_timeout_s: float = _f(120.0, "longest wait for trajectories before the step fails")
+
+
+@dataclass
+class IcePopConfig:
+    alpha: float = _f(0.5, "IcePop lower bound on k = pi_train/pi_infer")
+    beta: float = _f(5.0, "IcePop upper bound on k")
+
+
+@dataclass
+class AlgoConfig:
+    group_size: int = _f(8, "completions per prompt (G)")
+    prompts_per_step: int = _f(32, "prompts per training batch; B = prompts_per_step * group_size")
+    max_staleness: int = _f(1, "eta: batches that may be admitted ahead of the learner (0 = on-policy)")
+    clip_low: float = _f(0.2, "PPO clip epsilon below 1")
+    clip_high: float = _f(0.2, "PPO clip epsilon above 1")
+    aggregation: str = _f("seq_mean", "loss aggregation: seq_mean | token_mean | token_budget")
+    token_budget: int = _f(0, "Phi for token_budget aggregation")
+    normalize_std: bool = _f(True, "divide GRPO advantages by the group std")
+    filter_uninformative: bool = _f(True, "drop groups whose rewards are all equal (counted)")
+    icepop: IcePopConfig = field(default_factory=IcePopConfig)
+
+
+@dataclass
+class CommConfig:
+    host: str = _f("127.0.0.1", "interface the ZeroMQ endpoints and the weight group bind to")
+    hwm: int = _f(64, "ZeroMQ high-water mark in groups (backpressure)")
+    send_timeout_s: float = _f(120.0, "longest a send may block at the high-water mark")
+    bucket_mb: float = _f(16.0, "weight broadcast bucket size in MiB")
+    collective_timeout_s: float = _f(120.0, "timeout of every weight-group collective")
+
+
+@dataclass
+class RayConfig:
+    address: str = _f("", "'' starts a local Ray instance; 'auto' or ray://host:port attaches")
+    num_cpus: int = _f(0, "CPUs of the local instance (0: Ray decides)")
+    dashboard: bool = _f(True, "start the Ray dashboard with a local instance")
+
+
+@dataclass
+class RunConfig:
+    steps: int = _f(60, "RL steps (optimizer steps)")
+    seed: int = _f(0, "torch seed of the model init and sampling")
+    out_dir: str = _f("runs", "parent folder of run directories")
+    name: str = _f("", "run directory name ('' = timestamp)")
+    eval_every: int = _f(0, "evaluate every n RL steps (0: only before and after)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run: RunConfig = field(default_factory=RunConfig)

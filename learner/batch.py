@@ -1,0 +1,72 @@
+"""Collate scored GRPO groups into padded training tensors.
+
+Shape legend: B sequences, T positions of the shifted sequence (prompt + completion - 1).
+Position t of the inputs predicts token t + 1; only positions whose target is a
+completion token are real (`mask_BT`), so prompt and padding carry no loss.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learner.advantages import grpo_advantages, informative_groups
+
+
+@dataclass
+class TrainBatch:
+    inputs_BT: torch.Tensor           # int64 tokens fed to the model
+    targets_BT: torch.Tensor          # int64 tokens to score (inputs shifted by one)
+    mask_BT: torch.Tensor             # bool, target is a completion token
+    behavior_logprobs_BT: torch.Tensor
+    versions_BT: torch.Tensor         # int64 policy version each target was sampled under
+    advantages_B: torch.Tensor
+    rewards_B: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask_BT.sum())
+
+
+def group_rewards(groups) -> torch.Tensor:
+    return torch.tensor([[t.reward for t in group] for group in groups], dtype=torch.float32)
+
+
+def select_informative(groups) -> tuple[list, int]:
+    """(groups with unequal rewards, number of groups dropped for carrying no signal)."""
+    keep = informative_groups(group_rewards(groups)).tolist()
+    return [g for g, k in zip(groups, keep) if k], keep.count(False)
+
+
+def collate(groups, pad_id: int, normalize_std: bool = True) -> TrainBatch:
+    advantages_B = grpo_advantages(group_rewards(groups), normalize_std=normalize_std).flatten()
+    trajectories = [t for group in groups for t in group]
+    T = max(len(t.prompt_tokens) + len(t.completion_tokens) for t in trajectories) - 1
+    B = len(trajectories)
+    tokens = np.full((B, T + 1), pad_id, dtype=np.int64)
+    behavior = np.zeros((B, T), dtype=np.float32)
+    versions = np.zeros((B, T), dtype=np.int64)
+    mask = np.zeros((B, T), dtype=bool)
+    for row, t in enumerate(trajectories):
+        P, C = len(t.prompt_tokens), len(t.completion_tokens)
+        tokens[row, :P] = t.prompt_tokens
+        tokens[row, P : P + C] = t.completion_tokens
+        behavior[row, P - 1 : P - 1 + C] = t.behavior_logprobs
+        versions[row, P - 1 : P - 1 + C] = t.policy_version
+        mask[row, P - 1 : P - 1 + C] = True
+    tokens_t = torch.from_numpy(tokens)
+    return TrainBatch(inputs_BT=tokens_t[:, :-1], targets_BT=tokens_t[:, 1:],
+                      mask_BT=torch.from_numpy(mask), behavior_logprobs_BT=torch.from_numpy(behavior),
+                      versions_BT=torch.from_numpy(versions), advantages_B=advantages_B,
+                      rewards_B=group_rewards(groups).flatten())
+
+
+def collate_demonstrations(pairs: list[tuple[list[int], list[int]]], pad_id: int):
+    """(inputs_BT, targets_BT, mask_BT) for supervised warm-up on (prompt, completion) pairs."""
+    T = max(len(p) + len(c) for p, c in pairs) - 1
+    tokens = np.full((len(pairs), T + 1), pad_id, dtype=np.int64)
+    mask = np.zeros((len(pairs), T), dtype=bool)
+    for row, (prompt, completion) in enumerate(pairs):
+        tokens[row, : len(prompt) + len(completion)] = prompt + completion
+        mask[row, len(prompt) - 1 : len(prompt) - 1 + len(completion)] = True
+    tokens_t = torch.from_numpy(tokens)
+    return tokens_t[:, :-1], tokens_t[:, 1:], torch.from_numpy(mask)

@@ -1,0 +1,63 @@
+"""One learner shard's optimisation: supervised warm-up steps and IcePop RL steps.
+
+Each RL batch is one optimizer step, so theta_old (the weights before the update)
+are exactly the weights of the step's own forward pass: pi_train(theta_old) is the
+detached forward, no second pass needed. The policy version counts optimizer steps.
+"""
+import torch
+import torch.nn.functional as F
+
+from conf.schema import AlgoConfig, LearnerConfig
+from learner.batch import TrainBatch
+from learner.losses import IcePopParams, icepop_loss, sequence_logprobs
+from learner.staleness import lag_histogram
+
+
+def icepop_params(algo: AlgoConfig) -> IcePopParams:
+    return IcePopParams(alpha=algo.icepop.alpha, beta=algo.icepop.beta, clip_low=algo.clip_low,
+                        clip_high=algo.clip_high, aggregation=algo.aggregation,
+                        token_budget=algo.token_budget)
+
+
+class Trainer:
+    def __init__(self, model, learner: LearnerConfig, algo: AlgoConfig, temperature: float):
+        self.model = model
+        self.cfg = learner
+        self.params = icepop_params(algo)
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr,
+                                           weight_decay=learner.weight_decay)
+        self.version = 0
+
+    def _optimizer_step(self, loss, lr: float) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.model.update_expert_bias()
+        return float(grad_norm)
+
+    def sft_step(self, inputs_BT, targets_BT, mask_BT) -> dict:
+        """Cross-entropy on the completion tokens of warm-up demonstrations."""
+        self.model.train()
+        logits_BTV = self.model(inputs_BT)
+        loss = F.cross_entropy(logits_BTV[mask_BT], targets_BT[mask_BT])
+        grad_norm = self._optimizer_step(loss, self.cfg.warmup_lr)
+        return {"sft_loss": loss.item(), "grad_norm": grad_norm}
+
+    def rl_step(self, batch: TrainBatch) -> dict:
+        """One IcePop update; the version advances by one."""
+        self.model.train()
+        logits_BTV = self.model(batch.inputs_BT)
+        logp_new_BT = sequence_logprobs(logits_BTV, batch.targets_BT, self.temperature)
+        lag_BT = self.version - batch.versions_BT
+        loss, stats = icepop_loss(logp_new_BT, logp_new_BT.detach(), batch.behavior_logprobs_BT,
+                                  batch.advantages_B, batch.mask_BT, self.params, lag_BT=lag_BT)
+        stats["loss"] = loss.item()
+        stats["grad_norm"] = self._optimizer_step(loss, self.cfg.lr)
+        stats["lag_histogram"] = lag_histogram(lag_BT, batch.mask_BT)
+        stats["trained_tokens"] = batch.num_tokens
+        self.version += 1
+        return stats

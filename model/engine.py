@@ -1,0 +1,131 @@
+"""A torch generation engine with continuous batching and a slot KV cache.
+
+Each call to `step` emits exactly one token for every running rollout: newly added
+prompts are prefilled together (their first token comes from the prefill), the
+others take one cached decode step. A finished rollout frees its slot at once, so
+the caller can refill it before the next step. New weights are loaded between
+steps (`load_weights`) without draining: tokens sampled afterwards carry the new
+`version`, the KV cache of running rollouts is kept.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from model.moe import KVCache, MoECausalLM
+
+
+@dataclass
+class Rollout:
+    uid: str
+    prompt_tokens: list[int]
+    completion_tokens: list[int] = field(default_factory=list)
+    behavior_logprobs: list[float] = field(default_factory=list)
+    policy_versions: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    slot: int = -1
+
+
+def sample_tokens(logits_BV, temperature: float, generator: torch.Generator | None):
+    """(tokens_B, logprobs_B) from softmax(logits / T); T = 0 is greedy (logprobs at T = 1)."""
+    if temperature == 0:
+        logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+        tokens_B = logprobs_BV.argmax(-1)
+    else:
+        logprobs_BV = torch.log_softmax(logits_BV.float() / temperature, dim=-1)
+        tokens_B = torch.multinomial(logprobs_BV.exp(), 1, generator=generator).squeeze(1)
+    return tokens_B, logprobs_BV.gather(1, tokens_B[:, None]).squeeze(1)
+
+
+class GenerationEngine:
+    def __init__(self, model: MoECausalLM, max_slots: int, max_len: int, eos_id: int, pad_id: int,
+                 max_new_tokens: int, temperature: float, seed: int = 0):
+        self.model = model.eval()
+        self.cache = KVCache(model.cfg, max_slots, max_len)
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.rng = torch.Generator().manual_seed(seed)
+        self.version = 0
+        self._free = list(range(max_slots - 1, -1, -1))
+        self._pending: list[Rollout] = []
+        self._running: list[Rollout] = []
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._pending) + len(self._running)
+
+    def add(self, uid: str, prompt_tokens: list[int]) -> None:
+        if not self._free:
+            raise RuntimeError("no free slot: check free_slots before add")
+        if len(prompt_tokens) + self.max_new_tokens > self.cache.max_len:
+            raise ValueError(f"prompt of {len(prompt_tokens)} tokens + max_new_tokens "
+                             f"({self.max_new_tokens}) exceeds the cache ({self.cache.max_len})")
+        self._pending.append(Rollout(uid, list(prompt_tokens), slot=self._free.pop()))
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> None:
+        state = self.model.state_dict()
+        for name, tensor in named_tensors.items():
+            state[name].copy_(tensor)
+        self.version = version
+
+    @torch.no_grad()
+    def step(self) -> list[Rollout]:
+        """Emit one token for every running rollout; return those that finished."""
+        emitted = []
+        if self._running:
+            emitted += self._decode(self._running)
+        if self._pending:
+            emitted += self._prefill(self._pending)
+            self._running += self._pending
+            self._pending = []
+        finished = [r for r in emitted if r.finish_reason]
+        if finished:
+            self._running = [r for r in self._running if not r.finish_reason]
+            self._free += [r.slot for r in finished]
+        return finished
+
+    def _prefill(self, rollouts: list[Rollout]) -> list[Rollout]:
+        lengths_B = torch.tensor([len(r.prompt_tokens) for r in rollouts])
+        tokens_BT = torch.full((len(rollouts), int(lengths_B.max())), self.pad_id, dtype=torch.long)
+        for row, r in enumerate(rollouts):
+            tokens_BT[row, : len(r.prompt_tokens)] = torch.tensor(r.prompt_tokens)
+        slots_B = torch.tensor([r.slot for r in rollouts])
+        self.cache.lengths[slots_B] = 0
+        logits_BTV = self.model(tokens_BT, self.cache, slots_B)
+        self.cache.lengths[slots_B] = lengths_B
+        last_logits_BV = logits_BTV[torch.arange(len(rollouts)), lengths_B - 1]
+        return self._append(rollouts, last_logits_BV)
+
+    def _decode(self, rollouts: list[Rollout]) -> list[Rollout]:
+        tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts])
+        slots_B = torch.tensor([r.slot for r in rollouts])
+        logits_B1V = self.model(tokens_B1, self.cache, slots_B)
+        self.cache.lengths[slots_B] += 1
+        return self._append(rollouts, logits_B1V[:, 0])
+
+    def _append(self, rollouts: list[Rollout], logits_BV) -> list[Rollout]:
+        tokens_B, logprobs_B = sample_tokens(logits_BV, self.temperature, self.rng)
+        for r, token, logprob in zip(rollouts, tokens_B.tolist(), logprobs_B.tolist()):
+            r.completion_tokens.append(token)
+            r.behavior_logprobs.append(logprob)
+            r.policy_versions.append(self.version)
+            if token == self.eos_id:
+                r.finish_reason = "stop"
+            elif len(r.completion_tokens) >= self.max_new_tokens:
+                r.finish_reason = "length"
+        return rollouts
+
+
+def generate(engine: GenerationEngine, prompts: list[tuple[str, list[int]]]) -> list[Rollout]:
+    """Run `prompts` to completion with continuous batching; results in prompt order."""
+    queue, done = list(prompts), {}
+    while queue or engine.num_active:
+        while queue and engine.free_slots:
+            engine.add(*queue.pop(0))
+        for rollout in engine.step():
+            done[rollout.uid] = rollout
+    return [done[uid] for uid, _ in prompts]

@@ -1,0 +1,156 @@
+"""Weight broadcast over a real gloo group: 1 publisher + 2 subscribers in spawned processes."""
+import functools
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from comm.weights import (BucketPlan, CollectiveTimeout, WeightPublisher, WeightSubscriber, free_port,
+                          init_weight_group, plan_buckets)
+
+BUCKET_BYTES = 4096
+WORLD_SIZE = 3
+GROUP_TIMEOUT_S = 30.0
+SHORT_TIMEOUT_S = 3.0
+
+
+def model_tensors(version: int) -> list[tuple[str, torch.Tensor]]:
+    """Named tensors whose values depend on `version`, in several dtypes and shapes."""
+    generator = torch.Generator().manual_seed(version)
+    return [
+        ("embed.weight", torch.randn(64, 32, generator=generator)),  # 8 KiB: bigger than a bucket
+        ("layers.0.norm.weight", torch.randn(32, generator=generator)),
+        ("layers.0.attn.qkv.weight", torch.randn(16, 32, generator=generator)),
+        ("layers.0.experts.w1", torch.randn(4, 8, 8, generator=generator).to(torch.bfloat16)),
+        ("layers.0.router.bias", torch.randn(4, generator=generator)),
+        ("step", torch.tensor(version, dtype=torch.int64)),
+        ("lm_head.weight", torch.randn(32, 40, generator=generator)),  # 5 KiB: bigger than a bucket
+    ]
+
+
+def publisher_main(port: int, out_path: str, versions: list[int], timeout_s: float) -> None:
+    init_weight_group(0, WORLD_SIZE, "127.0.0.1", port, timeout_s, backend="gloo")
+    publisher = WeightPublisher(model_tensors(0), BUCKET_BYTES, timeout_s)
+    stats = [publisher.publish(version, model_tensors(version)) for version in versions]
+    torch.save({"stats": stats, "plan_bytes": publisher.plan.total_bytes}, out_path)
+    dist.destroy_process_group()
+
+
+def subscriber_main(rank: int, port: int, out_path: str, receives: int) -> None:
+    init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, GROUP_TIMEOUT_S, backend="gloo")
+    subscriber = WeightSubscriber(GROUP_TIMEOUT_S)
+    received = {}
+    for _ in range(receives):
+        version, tensors = subscriber.receive()
+        received[version] = {name: tensor.clone() for name, tensor in tensors.items()}
+    torch.save(received, out_path)
+    dist.destroy_process_group()
+
+
+def timed_out_main(rank: int, port: int, out_path: str) -> None:
+    """Publish (rank 0) or receive (rank 1) once while rank 2 never calls receive."""
+    init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
+    if rank == 0:
+        publisher = WeightPublisher(model_tensors(0), BUCKET_BYTES, SHORT_TIMEOUT_S)
+        transfer = functools.partial(publisher.publish, 1, model_tensors(1))
+    else:
+        transfer = WeightSubscriber(SHORT_TIMEOUT_S).receive
+    start = time.monotonic()
+    try:
+        transfer()
+        outcome = {"error": None}
+    except CollectiveTimeout as error:
+        outcome = {"error": str(error)}
+    outcome["seconds"] = time.monotonic() - start
+    dist.destroy_process_group()  # the recovery path after a timeout: the group must be torn down
+    torch.save(outcome, out_path)
+
+
+def absent_main(port: int, release) -> None:
+    """Joins the group and takes the plan, then stays away from the broadcast until released."""
+    init_weight_group(2, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
+    WeightSubscriber(SHORT_TIMEOUT_S)
+    release.wait(60)
+    dist.destroy_process_group()
+
+
+def run_processes(targets: list[tuple], timeout_s: float) -> None:
+    """Start one spawned process per (function, args) and require each to exit cleanly."""
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=target, args=args) for target, args in targets]
+    for process in processes:
+        process.start()
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in processes] == [0] * len(processes)
+
+
+def test_plan_buckets_by_size_and_dtype():
+    plan = plan_buckets(model_tensors(0), BUCKET_BYTES)
+    layout = [(entry.name, entry.bucket_index, entry.offset, entry.numel) for entry in plan.entries]
+    assert layout == [
+        ("embed.weight", 0, 0, 2048),
+        ("layers.0.norm.weight", 1, 0, 32),
+        ("layers.0.attn.qkv.weight", 1, 32, 512),
+        ("layers.0.experts.w1", 2, 0, 256),
+        ("layers.0.router.bias", 3, 0, 4),
+        ("step", 4, 0, 1),
+        ("lm_head.weight", 5, 0, 1280),
+    ]
+    assert plan.bucket_dtypes == [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.int64,
+                                  torch.float32]
+    assert plan.bucket_numels == [2048, 544, 256, 4, 1, 1280]
+    assert plan.total_bytes == 4 * (2048 + 544 + 4 + 1280) + 2 * 256 + 8
+    assert plan.entries[3].shape == (4, 8, 8) and plan.entries[5].shape == ()
+    assert plan_buckets(model_tensors(0), 1 << 20).bucket_numels == [2048 + 32 + 512, 256, 4, 1, 1280]
+
+
+def test_plan_survives_its_wire_encoding():
+    plan = plan_buckets(model_tensors(0), BUCKET_BYTES)
+    assert BucketPlan.from_bytes(plan.to_bytes()) == plan
+
+
+def test_subscribers_receive_bit_identical_versions(tmp_path):
+    port = free_port()
+    versions = [1, 2]
+    run_processes([(publisher_main, (port, str(tmp_path / "publisher.pt"), versions, GROUP_TIMEOUT_S))] + [
+        (subscriber_main, (rank, port, str(tmp_path / f"subscriber{rank}.pt"), len(versions)))
+        for rank in (1, 2)], timeout_s=60)
+    published = torch.load(tmp_path / "publisher.pt")
+    assert [stats["buckets"] for stats in published["stats"]] == [6, 6]
+    assert [stats["bytes"] for stats in published["stats"]] == [published["plan_bytes"]] * 2
+    for rank in (1, 2):
+        received = torch.load(tmp_path / f"subscriber{rank}.pt")
+        assert sorted(received) == versions
+        for version in versions:
+            expected = dict(model_tensors(version))
+            assert received[version].keys() == expected.keys()
+            for name, tensor in expected.items():
+                got = received[version][name]
+                assert got.dtype == tensor.dtype and torch.equal(got, tensor), (rank, version, name)
+
+
+def test_missing_subscriber_becomes_collective_timeout(tmp_path):
+    port = free_port()
+    release = mp.get_context("spawn").Event()
+    absent = mp.get_context("spawn").Process(target=absent_main, args=(port, release))
+    absent.start()
+    try:
+        run_processes([(timed_out_main, (rank, port, str(tmp_path / f"rank{rank}.pt"))) for rank in (0, 1)],
+                      timeout_s=60)
+    finally:
+        release.set()
+        absent.join(30)
+    publisher, subscriber = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert publisher["error"] == (f"weight broadcast rendezvous of version 1 timed out after {SHORT_TIMEOUT_S}s "
+                                  "on rank 0 (learner)")
+    assert subscriber["error"] == (f"weight broadcast rendezvous (after version None) timed out after "
+                                   f"{SHORT_TIMEOUT_S}s on rank 1 (generator)")
+    for outcome in (publisher, subscriber):
+        assert SHORT_TIMEOUT_S * 0.9 <= outcome["seconds"] <= SHORT_TIMEOUT_S * 2
+    assert absent.exitcode == 0
