@@ -17,7 +17,7 @@ def _f(default, help: str):
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", "name of the preset these values came from")
-    vocab_size: int = _f(32, "vocabulary size (set from the task's tokenizer when 0)")
+    vocab_size: int = _f(0, "vocabulary size (0: the task tokenizer's)")
     hidden_size: int = _f(128, "residual stream width")
     num_layers: int = _f(3, "transformer blocks")
     first_k_dense: int = _f(1, "the first k blocks use a dense FFN, the rest MoE")

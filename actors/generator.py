@@ -1,0 +1,177 @@
+"""Generator actor: continuous-batching rollouts, sent to the judges as GRPO groups.
+
+A decode thread owns the engine and the outgoing ZeroMQ socket. Ray method calls
+(other threads) only queue prompts, stage new weights, or read counters; the
+decode thread applies staged weights between two decode steps, so running
+rollouts are never drained and their later tokens carry the new version.
+"""
+import queue
+import threading
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import ray
+import torch
+
+from actors.tasks import build_task
+from comm.channel import TrajectorySender
+from comm.logs import setup_logging
+from comm.weights import WeightSubscriber, init_weight_group
+from comm.wire import Trajectory
+from conf.schema import Config
+from model.engine import GenerationEngine, Rollout, generate
+from model.moe import MoECausalLM
+
+IDLE_WAIT_S = 0.05
+
+
+@ray.remote
+class Generator:
+    def __init__(self, cfg: Config, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.log = setup_logging("generator", rank)
+        torch.set_num_threads(cfg.generator.torch_threads)
+        torch.manual_seed(cfg.run.seed)
+        self.task = build_task(cfg.task)
+        self.model = MoECausalLM(cfg.model).eval()
+        tok = self.task.tokenizer
+        self.engine = GenerationEngine(self.model, cfg.generator.max_slots, cfg.model.max_seq_len,
+                                       tok.eos_id, tok.pad_id, cfg.generator.max_new_tokens,
+                                       cfg.generator.temperature, seed=cfg.run.seed * 1000 + rank)
+        self.prompts: queue.Queue = queue.Queue()
+        self.step_lock = threading.Lock()          # held by the decode thread for each step
+        self.staged: tuple[int, dict] | None = None
+        self.applied = threading.Condition()
+        self.stopping = threading.Event()
+        self.counters: Counter = Counter()
+        self.busy_s = 0.0
+        self.subscriber: WeightSubscriber | None = None
+        self.thread: threading.Thread | None = None
+        self.failure: BaseException | None = None
+
+    def join_weight_group(self, addr: str, port: int, weight_rank: int, world_size: int) -> None:
+        init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s)
+        self.subscriber = WeightSubscriber(self.cfg.comm.collective_timeout_s)
+
+    def start(self, judge_endpoints: list[str]) -> None:
+        self.thread = threading.Thread(target=self._run, args=(judge_endpoints,), daemon=True,
+                                       name=f"generator-{self.rank}-decode")
+        self.thread.start()
+
+    def submit(self, prompts: list[dict]) -> None:
+        """Queue admitted prompts; each becomes group_size rollouts."""
+        self._raise_if_failed()
+        for prompt in prompts:
+            self.prompts.put(prompt)
+
+    def receive_weights(self) -> dict:
+        """Take part in the broadcast, then wait until the decode thread applied it."""
+        self._raise_if_failed()
+        start = time.perf_counter()
+        version, tensors = self.subscriber.receive()
+        received_s = time.perf_counter() - start
+        with self.applied:
+            self.staged = (version, tensors)
+            if self.thread is None:
+                self._apply_staged()
+            while self.staged is not None and self.failure is None:
+                self.applied.wait(timeout=1.0)
+        self._raise_if_failed()
+        return {"version": version, "receive_s": received_s, "total_s": time.perf_counter() - start}
+
+    def evaluate(self, prompts: list[dict]) -> dict:
+        """Greedy accuracy on `prompts` under the current weights (decoding pauses meanwhile)."""
+        tok = self.task.tokenizer
+        with self.step_lock:
+            engine = GenerationEngine(self.model, len(prompts), self.cfg.model.max_seq_len, tok.eos_id,
+                                      tok.pad_id, self.cfg.generator.max_new_tokens, temperature=0.0)
+            rollouts = generate(engine, [(p["uid"], p["tokens"]) for p in prompts])
+        rewards = [self.task.score(r.completion_tokens, p["meta"]) for r, p in zip(rollouts, prompts)]
+        examples = [f"{tok.decode(p['tokens'])}{tok.decode(r.completion_tokens)}"
+                    for r, p in zip(rollouts[:4], prompts)]
+        return {"correct": sum(rewards), "total": len(prompts), "version": self.engine.version,
+                "examples": examples}
+
+    def stats(self) -> dict:
+        self._raise_if_failed()
+        return {**self.counters, "busy_s": self.busy_s, "version": self.engine.version,
+                "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active}
+
+    def stop(self) -> dict:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+        return self.stats()
+
+    # -- decode thread -------------------------------------------------------------
+    def _run(self, judge_endpoints: list[str]) -> None:
+        sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s)
+        groups: dict[str, list[Rollout]] = defaultdict(list)
+        meta: dict[str, dict] = {}
+        try:
+            while not self.stopping.is_set():
+                with self.applied:
+                    self._apply_staged()
+                self._fill_slots(meta)
+                if not self.engine.num_active:
+                    time.sleep(IDLE_WAIT_S)
+                    continue
+                start = time.perf_counter()
+                with self.step_lock:
+                    finished = self.engine.step()
+                self.busy_s += time.perf_counter() - start
+                self.counters["generated_tokens"] += self.engine.num_active + len(finished)
+                for rollout in finished:
+                    self._collect(rollout, groups, meta, sender)
+        except BaseException as err:  # reaches the driver through the next method call
+            self.failure = err
+            self.log.exception("decode thread failed")
+            with self.applied:
+                self.applied.notify_all()
+        finally:
+            sender.close()
+
+    def _apply_staged(self) -> None:
+        if self.staged is not None:
+            version, tensors = self.staged
+            with self.step_lock:
+                self.engine.load_weights(tensors, version)
+            self.staged = None
+            self.applied.notify_all()
+
+    def _fill_slots(self, meta: dict) -> None:
+        G = self.cfg.algo.group_size
+        while self.engine.free_slots >= G:
+            try:
+                prompt = self.prompts.get_nowait()
+            except queue.Empty:
+                return
+            meta[prompt["uid"]] = prompt
+            for g in range(G):
+                self.engine.add(f"{prompt['uid']}/{g}", prompt["tokens"])
+
+    def _collect(self, rollout: Rollout, groups, meta, sender: TrajectorySender) -> None:
+        prompt_uid = rollout.uid.rsplit("/", 1)[0]
+        groups[prompt_uid].append(rollout)
+        if len(groups[prompt_uid]) < self.cfg.algo.group_size:
+            return
+        prompt = meta.pop(prompt_uid)
+        group = [self._trajectory(r, prompt) for r in sorted(groups.pop(prompt_uid), key=lambda r: r.uid)]
+        sender.send_group(group)
+        self.counters["generated_samples"] += len(group)
+
+    @staticmethod
+    def _trajectory(rollout: Rollout, prompt: dict) -> Trajectory:
+        return Trajectory(
+            uid=rollout.uid, prompt_uid=prompt["uid"], group=int(rollout.uid.rsplit("/", 1)[1]),
+            prompt_tokens=np.asarray(rollout.prompt_tokens, dtype=np.int32),
+            completion_tokens=np.asarray(rollout.completion_tokens, dtype=np.int32),
+            behavior_logprobs=np.asarray(rollout.behavior_logprobs, dtype=np.float32),
+            policy_version=np.asarray(rollout.policy_versions, dtype=np.int32),
+            finish_reason=rollout.finish_reason, task_meta=prompt["meta"],
+            timings={"finished_at": time.time()})
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"generator-{self.rank} decode thread failed: {self.failure!r}")

@@ -1,0 +1,102 @@
+"""The run directory: metrics.jsonl, a learning-curve PNG, summary.json and the checkpoint.
+
+One JSON line per RL step (and one per evaluation), written as it happens, so a
+run that is stopped still leaves its metrics behind.
+"""
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+from conf.schema import Config
+
+
+def make_run_dir(cfg: Config) -> Path:
+    name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.out_dir).absolute() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, cfg: Config):
+        self.run_dir = run_dir
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.timings: dict[str, float] = defaultdict(float)
+        self.steps: list[dict] = []
+        self.evaluations: dict[str, dict] = {}
+        self.summary: dict = {"status": "running", "config": asdict(cfg)}
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    @contextmanager
+    def timer(self, phase: str):
+        """Time one phase of the loop; the figure lands in the next step record."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"time/{phase}_s"] += time.perf_counter() - start
+
+    def step(self, record: dict) -> None:
+        record = {**record, **self.timings, "wall": time.time()}
+        self.timings.clear()
+        self.steps.append(record)
+        self._write(record)
+
+    def evaluation(self, name: str, result: dict) -> None:
+        self.evaluations[name] = result
+        self._write({"evaluation": name, **result, "wall": time.time()})
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+
+    def plot(self) -> Path | None:
+        if not self.steps:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [r["step"] for r in self.steps]
+        ax.plot(steps, [r["reward"] for r in self.steps], alpha=0.4, label="train reward (sampled)")
+        ax.plot(steps, _moving_average([r["reward"] for r in self.steps], 10), label="train reward, 10-step mean")
+        for name, x in (("after_warmup", 0), ("after_rl", steps[-1] + 1)):
+            if name in self.evaluations:
+                ax.scatter([x], [self.evaluations[name]["accuracy"]], marker="*", s=150, zorder=3,
+                           label=f"held-out greedy accuracy ({name.replace('_', ' ')})")
+        for step, acc in ((r["step"], r["eval_accuracy"]) for r in self.steps if "eval_accuracy" in r):
+            ax.scatter([step], [acc], color="black", marker=".", zorder=3)
+        ax.set(xlabel="RL step", ylabel="reward / accuracy", ylim=(0, 1), title=self.run_dir.name)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        path = self.run_dir / "learning_curve.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def finish(self, status: str, extra: dict) -> Path:
+        self.summary.update(status=status, steps=len(self.steps), evaluations=self.evaluations, **extra)
+        before = self.evaluations.get("after_warmup", {}).get("accuracy")
+        after = self.evaluations.get("after_rl", {}).get("accuracy")
+        if before is not None and after is not None:
+            self.summary["accuracy_gain"] = after - before
+        self.plot()
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps(self.summary, indent=2, default=str))
+        self.metrics.close()
+        return path
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

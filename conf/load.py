@@ -1,0 +1,103 @@
+"""Load the config: schema dataclasses + Hydra YAML + command-line overrides, checked once.
+
+`load_config(overrides)` returns a `Config` or raises `ConfigError` whose message
+is one line naming the field and the numbers involved.
+"""
+import os
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conf.schema import Config
+
+CONF_DIR = os.path.dirname(os.path.abspath(__file__))
+AGGREGATIONS = ("seq_mean", "token_mean", "token_budget")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(overrides: list[str]) -> Config:
+    ConfigStore.instance().store(name="schema", node=Config)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            composed = compose(config_name="config", overrides=overrides)
+        cfg: Config = OmegaConf.to_object(composed)
+    except Exception as err:  # Hydra and OmegaConf raise several types; all mean a bad override
+        raise ConfigError(_first_line(err)) from None
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, followed by its cause's (Hydra puts the field name there)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    message = lines[0] if lines else type(err).__name__
+    if err.__cause__ is not None:
+        message = f"{message} {_first_line(err.__cause__)}"
+    return message
+
+
+def resolve(cfg: Config) -> None:
+    """Fill values that follow from others (the vocabulary from the task's tokenizer)."""
+    from actors.tasks import build_task
+
+    try:
+        task = build_task(cfg.task)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = task.tokenizer.vocab_size
+    if cfg.model.vocab_size < task.tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                          f"{cfg.task.name} tokenizer ({task.tokenizer.vocab_size})")
+    longest = task.max_prompt_len + cfg.generator.max_new_tokens
+    if longest > cfg.model.max_seq_len:
+        raise ConfigError(f"model.max_seq_len ({cfg.model.max_seq_len}) must hold the longest prompt "
+                          f"({task.max_prompt_len}) + generator.max_new_tokens ({cfg.generator.max_new_tokens})")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field rules, checked once at load."""
+    m, a = cfg.model, cfg.algo
+    for role in ("generator", "judge", "learner"):
+        num = getattr(cfg, role).num
+        _require(num >= 1, f"{role}.num ({num}) must be at least 1")
+    _require(cfg.learner.num == 1, f"learner.num ({cfg.learner.num}) must be 1: sharded learners are not built yet")
+    _require(m.num_heads % m.num_kv_heads == 0,
+             f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
+    _require(0 <= m.first_k_dense <= m.num_layers,
+             f"model.first_k_dense ({m.first_k_dense}) must be within 0..model.num_layers ({m.num_layers})")
+    _require(1 <= m.top_k <= m.num_experts, f"model.top_k ({m.top_k}) must be within 1..model.num_experts ({m.num_experts})")
+    _require(m.num_experts % m.num_expert_groups == 0,
+             f"model.num_expert_groups ({m.num_expert_groups}) must divide model.num_experts ({m.num_experts})")
+    _require(1 <= m.topk_groups <= m.num_expert_groups,
+             f"model.topk_groups ({m.topk_groups}) must be within 1..model.num_expert_groups ({m.num_expert_groups})")
+    _require(m.top_k <= m.topk_groups * (m.num_experts // m.num_expert_groups),
+             f"model.top_k ({m.top_k}) exceeds the experts in model.topk_groups ({m.topk_groups}) groups")
+    _require(0 < m.rotary_fraction <= 1, f"model.rotary_fraction ({m.rotary_fraction}) must be in (0, 1]")
+    _require(a.group_size >= 2, f"algo.group_size ({a.group_size}) must be at least 2 for group advantages")
+    _require(a.prompts_per_step >= 1, f"algo.prompts_per_step ({a.prompts_per_step}) must be at least 1")
+    _require(a.max_staleness >= 0, f"algo.max_staleness ({a.max_staleness}) must be >= 0")
+    _require(0 <= a.icepop.alpha <= a.icepop.beta,
+             f"algo.icepop.alpha ({a.icepop.alpha}) must be within 0..algo.icepop.beta ({a.icepop.beta})")
+    _require(0 <= a.clip_low < 1, f"algo.clip_low ({a.clip_low}) must be in [0, 1)")
+    _require(a.clip_high >= 0, f"algo.clip_high ({a.clip_high}) must be >= 0")
+    _require(a.aggregation in AGGREGATIONS, f"algo.aggregation ({a.aggregation!r}) must be one of {AGGREGATIONS}")
+    _require(a.aggregation != "token_budget" or a.token_budget > 0,
+             f"algo.token_budget ({a.token_budget}) must be > 0 with algo.aggregation=token_budget")
+    _require(cfg.generator.temperature >= 0, f"generator.temperature ({cfg.generator.temperature}) must be >= 0")
+    _require(cfg.generator.max_slots >= a.group_size,
+             f"generator.max_slots ({cfg.generator.max_slots}) must hold one group (algo.group_size {a.group_size})")
+    _require(cfg.judge.timeout_s > 0, f"judge.timeout_s ({cfg.judge.timeout_s}) must be > 0")
+    _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")

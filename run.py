@@ -1,0 +1,115 @@
+"""ringrl controller: `python run.py [key=value ...]` (Hydra overrides, see conf/schema.py).
+
+The driver starts the actors, paces admission, triggers training and weight
+syncs, and records; trajectories never pass through it.
+"""
+import math
+import os
+import sys
+from contextlib import contextmanager
+
+import ray
+from tqdm import tqdm
+
+from actors.record import Recorder, make_run_dir
+from actors.system import (ActorFailure, async_stats, async_sync_weights, call, evaluate,
+                           start_system, stop_system)
+from actors.tasks import build_task
+from comm.logs import setup_logging
+from conf.load import ConfigError, load_config
+from conf.schema import Config
+from learner.staleness import AdmissionController
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__"]
+
+
+@contextmanager
+def ray_session(cfg: Config, namespace: str, log):
+    """Attach to `ray.address` or start a local instance; code ships via runtime_env."""
+    runtime_env = {"working_dir": REPO_ROOT, "excludes": SHIPPED_EXCLUDES}
+    if cfg.ray.address:
+        context = ray.init(address=cfg.ray.address, namespace=namespace, runtime_env=runtime_env,
+                           log_to_driver=True)
+    else:
+        wanted = (cfg.learner.num * cfg.learner.num_cpus + cfg.judge.num * cfg.judge.num_cpus
+                  + cfg.generator.num * cfg.generator.num_cpus)
+        num_cpus = cfg.ray.num_cpus or max(os.cpu_count(), math.ceil(wanted))
+        context = ray.init(num_cpus=num_cpus, namespace=namespace, runtime_env=runtime_env,
+                           include_dashboard=cfg.ray.dashboard)
+    log.info("Ray dashboard: {}", f"http://{context.dashboard_url}" if context.dashboard_url else "off")
+    try:
+        yield
+    finally:
+        ray.shutdown()  # an attached cluster keeps running; only this job's actors go
+
+
+def train(cfg: Config, system, recorder: Recorder, log) -> None:
+    task = build_task(cfg.task)
+    eval_prompts = [vars(p) for p in task.eval_prompts()]
+    with recorder.timer("warmup"):
+        warmup = call({"learner-0": system.learner.warmup.remote()})["learner-0"]
+    log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
+    call(async_sync_weights(system))
+    recorder.evaluation("after_warmup", evaluate(system, eval_prompts))
+    log.info("held-out greedy accuracy after warm-up: {:.1%}", recorder.evaluations["after_warmup"]["accuracy"])
+    G = cfg.algo.group_size
+    admission = AdmissionController(cfg.algo.prompts_per_step * G, cfg.algo.max_staleness)
+    cursor, accuracy = 0, recorder.evaluations["after_warmup"]["accuracy"]
+    bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
+    for step in bar:
+        with recorder.timer("admit"):
+            groups = admission.admissible_groups(G)
+            prompts = [vars(task.train_prompt(cursor + i)) for i in range(groups)]
+            call({f"generator-{i}": g.submit.remote(prompts[i :: len(system.generators)])
+                  for i, g in enumerate(system.generators)})
+            admission.admit(groups * G)
+            cursor += groups
+        with recorder.timer("train"):
+            stats = call({"learner-0": system.learner.train_step.remote()})["learner-0"]
+            admission.consume(stats["consumed"])
+        with recorder.timer("weight_sync"):
+            sync = call(async_sync_weights(system))
+        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+            with recorder.timer("eval"):
+                accuracy = stats["eval_accuracy"] = evaluate(system, eval_prompts)["accuracy"]
+        counters = call(async_stats(system))
+        recorder.step({"step": step, **stats, "weight_sync_s": sync["learner-0"]["seconds"],
+                       "generated_tokens": sum(c.get("generated_tokens", 0) for c in counters.values()),
+                       "in_flight": admission.in_flight, "prompt_cursor": cursor})
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
+    recorder.evaluation("after_rl", evaluate(system, eval_prompts))
+    log.info("held-out greedy accuracy after RL: {:.1%}", recorder.evaluations["after_rl"]["accuracy"])
+    call({"learner-0": system.learner.save.remote(str(recorder.run_dir / "checkpoint"))})
+
+
+def main(argv: list[str]) -> int:
+    log = setup_logging("driver")
+    try:
+        cfg = load_config(argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    run_dir = make_run_dir(cfg)
+    recorder = Recorder(run_dir, cfg)
+    log.info("run directory: {}", run_dir)
+    status, final = "failed", {}
+    with ray_session(cfg, namespace=run_dir.name, log=log):
+        system = start_system(cfg)
+        try:
+            train(cfg, system, recorder, log)
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("interrupted: stopping every actor")
+        except ActorFailure as err:
+            log.error("{}", err)
+        finally:
+            final = stop_system(system)
+            summary = recorder.finish(status, {"actors": final})
+    log.info("summary: {}", summary)
+    return 0 if status == "finished" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
