@@ -44,7 +44,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = _f("carry_add", "built-in task: carry_add")
     digits: int = _f(2, "digits per operand")
-    carry_slip: float = _f(0.6, "warm-up demos drop each carry with this probability (imperfect SFT data)")
+    carry_slip: float = _f(0.7, "warm-up demos drop each carry with this probability (imperfect SFT data)")
     eval_prompts: int = _f(256, "held-out prompts for greedy evaluation")
     seed: int = _f(0, "seed of prompt sampling and the held-out split")
 

@@ -1,0 +1,99 @@
+"""End-to-end runs of `run.py` on real Ray: the policy learns; an existing cluster is reused."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def run_ringrl(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.Popen:
+    args = [sys.executable, "run.py", f"run.out_dir={tmp_path}", "run.name=e2e", "run.progress=false",
+            "ray.dashboard=false", *overrides]
+    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_run(tmp_path: Path) -> tuple[dict, list[dict]]:
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    lines = [json.loads(line) for line in (tmp_path / "e2e" / "metrics.jsonl").read_text().splitlines()]
+    return summary, [r for r in lines if "step" in r]
+
+
+def test_short_run_learns(tmp_path):
+    proc = run_ringrl(tmp_path, "learner.warmup_steps=600", "run.steps=40")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    summary, steps = read_run(tmp_path)
+    assert summary["status"] == "finished" and len(steps) == 40
+    first = sum(r["reward"] for r in steps[:10]) / 10
+    last = sum(r["reward"] for r in steps[-10:]) / 10
+    assert last > first + 0.1, (first, last)
+    evals = summary["evaluations"]
+    assert evals["after_rl"]["accuracy"] > evals["after_warmup"]["accuracy"]
+    learner = summary["actors"]["learner-0"]
+    assert learner["version"] == 40
+    assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
+    assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
+    assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
+    for name in ("learning_curve.png", "checkpoint/learner-0.pt", "config.json"):
+        assert (tmp_path / "e2e" / name).exists(), name
+
+
+def test_synchronous_mode_has_zero_lag(tmp_path):
+    proc = run_ringrl(tmp_path, "algo.max_staleness=0", "learner.warmup_steps=100", "run.steps=8")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    _, steps = read_run(tmp_path)
+    lags = {int(lag) for r in steps for lag in r.get("lag_histogram", {})}
+    assert lags == {0}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate `ray start --head --block` cluster, torn down with its process group."""
+    port, dashboard_port = _free_port(), _free_port()
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
+                             f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while subprocess.run(["ray", "status", f"--address={address}"], capture_output=True).returncode:
+        assert time.monotonic() < deadline, "ray head did not come up"
+        time.sleep(1)
+    yield address, f"http://127.0.0.1:{dashboard_port}"
+    os.killpg(head.pid, signal.SIGTERM)
+    head.wait(timeout=60)
+
+
+def test_attaches_to_existing_cluster_with_named_actors(tmp_path, ray_head):
+    from ray.util.state import list_actors
+
+    address, dashboard = ray_head
+    proc = run_ringrl(tmp_path, f"ray.address={address}", "generator.num=2", "judge.num=2",
+                      "learner.warmup_steps=300", "run.steps=20")
+    wanted = {"generator-0", "generator-1", "judge-0", "judge-1", "learner-0"}
+    seen: set = set()
+    while proc.poll() is None and seen != wanted:
+        alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+        seen = {a.name for a in alive if a.name}
+        time.sleep(1)
+    output, _ = proc.communicate(timeout=600)
+    assert seen == wanted, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    assert "Started a local Ray instance" not in output
+    assert "Pushing file package" in output  # the code reached the workers via runtime_env
+    assert subprocess.run(["ray", "status", f"--address={address}"], capture_output=True).returncode == 0
