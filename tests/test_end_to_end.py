@@ -15,10 +15,11 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def run_ringrl(tmp_path: Path, *overrides: str, timeout: float = 600) -> subprocess.Popen:
+def run_ringrl(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "run.py", f"run.out_dir={tmp_path}", "run.name=e2e", "run.progress=false",
             "ray.dashboard=false", *overrides]
-    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
 
 
 def read_run(tmp_path: Path) -> tuple[dict, list[dict]]:
@@ -62,38 +63,53 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def ray_status(address: str, env: dict) -> int:
+    return subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, env=env).returncode
+
+
+def alive_actor_names(dashboard: str, env: dict) -> set:
+    """Names of the live actors, as `ray list actors` shows them."""
+    listing = subprocess.run(["ray", "list", "actors", f"--address={dashboard}", "--format=json",
+                              "--filter", "state=ALIVE"], capture_output=True, text=True, env=env)
+    if listing.returncode or not listing.stdout.lstrip().startswith("["):
+        return set()  # the cluster answers "No resource in the cluster" before the actors exist
+    return {actor["name"] for actor in json.loads(listing.stdout) if actor.get("name")}
+
+
 @pytest.fixture
 def ray_head():
-    """A separate `ray start --head --block` cluster, torn down with its process group."""
+    """A separate `ray start --head --block` cluster on loopback, torn down with its process group.
+
+    `ray start` turns token authentication on; a client given an explicit address
+    must then be told so (RAY_AUTH_MODE=token), while `ray.address=auto` finds out itself.
+    """
     port, dashboard_port = _free_port(), _free_port()
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=6",
-                             f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=6", f"--dashboard-port={dashboard_port}", "--include-dashboard=true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while subprocess.run(["ray", "status", f"--address={address}"], capture_output=True).returncode:
+    while ray_status(address, env):
         assert time.monotonic() < deadline, "ray head did not come up"
         time.sleep(1)
-    yield address, f"http://127.0.0.1:{dashboard_port}"
+    yield address, f"http://127.0.0.1:{dashboard_port}", env
     os.killpg(head.pid, signal.SIGTERM)
     head.wait(timeout=60)
 
 
 def test_attaches_to_existing_cluster_with_named_actors(tmp_path, ray_head):
-    from ray.util.state import list_actors
-
-    address, dashboard = ray_head
+    address, dashboard, env = ray_head
     proc = run_ringrl(tmp_path, f"ray.address={address}", "generator.num=2", "judge.num=2",
-                      "learner.warmup_steps=300", "run.steps=20")
+                      "learner.warmup_steps=300", "run.steps=20", env=env)
     wanted = {"generator-0", "generator-1", "judge-0", "judge-1", "learner-0"}
     seen: set = set()
     while proc.poll() is None and seen != wanted:
-        alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
-        seen = {a.name for a in alive if a.name}
+        seen = alive_actor_names(dashboard, env)
         time.sleep(1)
     output, _ = proc.communicate(timeout=600)
     assert seen == wanted, output[-3000:]
     assert proc.returncode == 0, output[-3000:]
     assert "Started a local Ray instance" not in output
     assert "Pushing file package" in output  # the code reached the workers via runtime_env
-    assert subprocess.run(["ray", "status", f"--address={address}"], capture_output=True).returncode == 0
+    assert ray_status(address, env) == 0  # the cluster outlives the run
