@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import ray
 from tqdm import tqdm
 
-from actors.record import Recorder, make_run_dir
+from actors.record import Recorder, accounting, make_run_dir
 from actors.system import (ActorFailure, async_stats, async_sync_weights, call, evaluate,
                            start_system, stop_system)
 from actors.tasks import build_task
@@ -35,7 +35,7 @@ def ray_session(cfg: Config, namespace: str, log):
         wanted = (cfg.learner.num * cfg.learner.num_cpus + cfg.judge.num * cfg.judge.num_cpus
                   + cfg.generator.num * cfg.generator.num_cpus)
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count(), math.ceil(wanted))
-        context = ray.init(num_cpus=num_cpus, namespace=namespace, runtime_env=runtime_env,
+        context = ray.init(address="local", num_cpus=num_cpus, namespace=namespace, runtime_env=runtime_env,
                            include_dashboard=cfg.ray.dashboard)
     log.info("Ray dashboard: {}", f"http://{context.dashboard_url}" if context.dashboard_url else "off")
     try:
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
             log.error("{}", err)
         finally:
             final = stop_system(system)
-            summary = recorder.finish(status, {"actors": final})
+            summary = recorder.finish(status, {"actors": final, "samples": accounting(final)})
     log.info("summary: {}", summary)
     return 0 if status == "finished" else 1
 

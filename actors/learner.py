@@ -80,6 +80,7 @@ class Learner:
         self.counters["dropped_uninformative"] += dropped * self.cfg.algo.group_size
         rewards = [t.reward for g in groups for t in g]
         stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards), "wait_s": wait_s,
+                 "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
                  "informative_groups": len(informative)}
         if informative:
             start = time.perf_counter()

@@ -42,6 +42,11 @@ class Recorder:
     def step(self, record: dict) -> None:
         record = {**record, **self.timings, "wall": time.time()}
         self.timings.clear()
+        if self.steps:
+            elapsed = record["wall"] - self.steps[-1]["wall"]
+            new_tokens = record["generated_tokens"] - self.steps[-1]["generated_tokens"]
+            record["generated_tokens_per_s"] = new_tokens / elapsed
+            record["trained_tokens_per_s"] = record.get("trained_tokens", 0) / elapsed
         self.steps.append(record)
         self._write(record)
 
@@ -90,6 +95,23 @@ class Recorder:
         path.write_text(json.dumps(self.summary, indent=2, default=str))
         self.metrics.close()
         return path
+
+
+def accounting(final_counters: dict) -> dict:
+    """Where every generated sample went: trained, dropped (by reason), or still in flight."""
+    def total(prefix: str, key: str) -> int:
+        return sum(c.get(key, 0) for name, c in final_counters.items() if name.startswith(prefix))
+
+    generated = total("generator", "generated_samples")
+    dropped = {"uninformative": total("learner", "dropped_uninformative")}
+    for name, counters in final_counters.items():
+        for key, value in counters.items():
+            if key.startswith("dropped_") and key != "dropped_uninformative":
+                reason = key.removeprefix("dropped_")
+                dropped[reason] = dropped.get(reason, 0) + value
+    trained = total("learner", "trained_samples")
+    return {"generated": generated, "trained": trained, "dropped": dropped,
+            "in_flight_at_end": generated - trained - sum(dropped.values())}
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

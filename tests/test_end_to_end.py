@@ -113,3 +113,23 @@ def test_attaches_to_existing_cluster_with_named_actors(tmp_path, ray_head):
     assert "Started a local Ray instance" not in output
     assert "Pushing file package" in output  # the code reached the workers via runtime_env
     assert ray_status(address, env) == 0  # the cluster outlives the run
+
+
+def test_ctrl_c_stops_actors_and_writes_summary(tmp_path):
+    proc = subprocess.Popen([sys.executable, "run.py", f"run.out_dir={tmp_path}", "run.name=e2e",
+                             "run.progress=false", "ray.dashboard=false", "learner.warmup_steps=20",
+                             "run.steps=100000"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "e2e" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    output, _ = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert proc.returncode == 1, output[-3000:]
+    assert summary["status"] == "interrupted"
+    assert summary["steps"] >= 3
+    assert set(summary["actors"]) == {"learner-0", "judge-0", "generator-0"}
