@@ -73,8 +73,6 @@ class Generator:
         received_s = time.perf_counter() - start
         with self.applied:
             self.staged = (version, tensors)
-            if self.thread is None:
-                self._apply_staged()
             while self.staged is not None and self.failure is None:
                 self.applied.wait(timeout=1.0)
         self._raise_if_failed()
