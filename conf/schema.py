@@ -38,6 +38,7 @@ class ModelConfig:
     norm_eps: float = _f(1e-6, "RMSNorm epsilon")
     max_seq_len: int = _f(64, "longest prompt+completion the model is built for")
     init_std: float = _f(0.02, "std of the normal weight init")
+    num_mtp_layers: int = _f(0, "multi-token-prediction layers (each predicts one token further)")
 
 
 @dataclass
@@ -78,6 +79,7 @@ class LearnerConfig:
     warmup_batch: int = _f(128, "demonstrations per warm-up step")
     torch_threads: int = _f(1, "torch intra-op threads in each learner")
     recv_timeout_s: float = _f(120.0, "longest wait for trajectories before the step fails")
+    mtp_loss_weight: float = _f(0.3, "weight of the MTP loss in supervised warm-up steps")
 
 
 @dataclass
@@ -97,6 +99,7 @@ class AlgoConfig:
     token_budget: int = _f(0, "Phi for token_budget aggregation")
     normalize_std: bool = _f(True, "divide GRPO advantages by the group std")
     filter_uninformative: bool = _f(True, "drop groups whose rewards are all equal (counted)")
+    routing_replay: bool = _f(False, "R3: the learner routes each token to the experts the generator used")
     icepop: IcePopConfig = field(default_factory=IcePopConfig)
 
 
@@ -118,6 +121,8 @@ class RayConfig:
 
 @dataclass
 class RunConfig:
+    mode: str = _f("train", "train: the RL pipeline; plan: print the model's parameter and shard plan, no actors")
+    resume: str = _f("", "checkpoint directory to resume from ('' = fresh start)")
     steps: int = _f(60, "RL steps (optimizer steps)")
     seed: int = _f(0, "torch seed of the model init and sampling")
     out_dir: str = _f("runs", "parent folder of run directories")
