@@ -38,7 +38,8 @@ class Generator:
         tok = self.task.tokenizer
         self.engine = GenerationEngine(self.model, cfg.generator.max_slots, cfg.model.max_seq_len,
                                        tok.eos_id, tok.pad_id, cfg.generator.max_new_tokens,
-                                       cfg.generator.temperature, seed=cfg.run.seed * 1000 + rank)
+                                       cfg.generator.temperature, seed=cfg.run.seed * 1000 + rank,
+                                       record_routing=cfg.algo.routing_replay)
         self.prompts: queue.Queue = queue.Queue()
         self.step_lock = threading.Lock()          # held by the decode thread for each step
         self.staged: tuple[int, dict] | None = None
@@ -159,8 +160,11 @@ class Generator:
         sender.send_group(group)
         self.counters["generated_samples"] += len(group)
 
-    @staticmethod
-    def _trajectory(rollout: Rollout, prompt: dict) -> Trajectory:
+    def _trajectory(self, rollout: Rollout, prompt: dict) -> Trajectory:
+        routed = None
+        if self.engine.record_routing:
+            expert_dtype = np.uint8 if self.cfg.model.num_experts <= 256 else np.int16
+            routed = rollout.routed_experts().numpy().astype(expert_dtype)
         return Trajectory(
             uid=rollout.uid, prompt_uid=prompt["uid"], group=int(rollout.uid.rsplit("/", 1)[1]),
             prompt_tokens=np.asarray(rollout.prompt_tokens, dtype=np.int32),
@@ -168,7 +172,7 @@ class Generator:
             behavior_logprobs=np.asarray(rollout.behavior_logprobs, dtype=np.float32),
             policy_version=np.asarray(rollout.policy_versions, dtype=np.int32),
             finish_reason=rollout.finish_reason, task_meta=prompt["meta"],
-            timings={"finished_at": time.time()})
+            timings={"finished_at": time.time()}, routed_experts=routed)
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

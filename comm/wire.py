@@ -51,7 +51,7 @@ ARRAY_SPECS = {
     "completion_tokens": ArraySpec(("<i4",), ndim=1, per_token=True),
     "behavior_logprobs": ArraySpec(("<f4",), ndim=1, per_token=True),
     "policy_version": ArraySpec(("<i4",), ndim=1, per_token=True),
-    "routed_experts": ArraySpec(("|u1", "<i2"), ndim=3, per_token=True, optional=True),
+    "routed_experts": ArraySpec(("|u1", "<i2"), ndim=3, per_token=False, optional=True),
 }
 SCALAR_FIELDS = ("uid", "prompt_uid", "group", "finish_reason", "task_meta", "reward", "judge", "timings")
 RECORD_FIELDS = frozenset(SCALAR_FIELDS) | {"arrays"}
@@ -73,7 +73,9 @@ class Trajectory:
     reward: float | None = None  # filled by a judge
     judge: dict = field(default_factory=dict)  # judge metadata, msgpack-able values
     timings: dict = field(default_factory=dict)  # name -> seconds
-    routed_experts: np.ndarray | None = None  # uint8 | int16 [C, n_moe_layers, top_k]
+    # uint8 | int16 [P + C - 1, n_moe_layers, top_k]: the experts each input position was routed
+    # to, for every position the generator fed through the model (prompt and all but the last token)
+    routed_experts: np.ndarray | None = None
 
     @property
     def num_completion_tokens(self) -> int:
@@ -219,6 +221,16 @@ def _check_arrays(trajectory: Trajectory) -> None:
             if array.shape[0] != completion_length:
                 raise WireError("length_mismatch",
                                 f"{name} has {array.shape[0]} tokens, completion has {completion_length}")
+    _check_routing_rows(trajectory)
+
+
+def _check_routing_rows(trajectory: Trajectory) -> None:
+    if trajectory.routed_experts is None:
+        return
+    fed = len(trajectory.prompt_tokens) + len(trajectory.completion_tokens) - 1
+    if trajectory.routed_experts.shape[0] != fed:
+        raise WireError("length_mismatch", f"routed_experts has {trajectory.routed_experts.shape[0]} rows, "
+                                           f"the sequence fed {fed} positions")
 
 
 def _check_keys(mapping: dict, required, allowed, what: str) -> None:

@@ -21,6 +21,7 @@ class TrainBatch:
     versions_BT: torch.Tensor         # int64 policy version each target was sampled under
     advantages_B: torch.Tensor
     rewards_B: torch.Tensor
+    replay_BTLK: torch.Tensor | None = None  # routing replay: experts of each input position
 
     @property
     def num_tokens(self) -> int:
@@ -57,7 +58,18 @@ def collate(groups, pad_id: int, normalize_std: bool = True) -> TrainBatch:
     return TrainBatch(inputs_BT=tokens_t[:, :-1], targets_BT=tokens_t[:, 1:],
                       mask_BT=torch.from_numpy(mask), behavior_logprobs_BT=torch.from_numpy(behavior),
                       versions_BT=torch.from_numpy(versions), advantages_B=advantages_B,
-                      rewards_B=group_rewards(groups).flatten())
+                      rewards_B=group_rewards(groups).flatten(), replay_BTLK=_replay(trajectories, T))
+
+
+def _replay(trajectories, T: int) -> torch.Tensor | None:
+    """[B, T, L, K] recorded experts per input position (zeros past a sequence's end), or None."""
+    if any(t.routed_experts is None for t in trajectories):
+        return None
+    _, L, K = trajectories[0].routed_experts.shape
+    replay = np.zeros((len(trajectories), T, L, K), dtype=np.int64)
+    for row, t in enumerate(trajectories):
+        replay[row, : len(t.routed_experts)] = t.routed_experts
+    return torch.from_numpy(replay)
 
 
 def collate_demonstrations(pairs: list[tuple[list[int], list[int]]], pad_id: int):

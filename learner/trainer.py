@@ -40,17 +40,25 @@ class Trainer:
         return float(grad_norm)
 
     def sft_step(self, inputs_BT, targets_BT, mask_BT) -> dict:
-        """Cross-entropy on the completion tokens of warm-up demonstrations."""
+        """Cross-entropy on the completion tokens of warm-up demonstrations (+ weighted MTP losses)."""
         self.model.train()
-        logits_BTV = self.model(inputs_BT)
+        hidden_BTD, _ = self.model.hidden_states(inputs_BT)
+        logits_BTV = self.model.lm_head(self.model.final_norm(hidden_BTD))
         loss = F.cross_entropy(logits_BTV[mask_BT], targets_BT[mask_BT])
-        grad_norm = self._optimizer_step(loss, self.cfg.warmup_lr)
-        return {"sft_loss": loss.item(), "grad_norm": grad_norm}
+        stats = {"sft_loss": loss.item()}
+        for depth, mtp_logits in enumerate(self.model.mtp_logits(hidden_BTD, inputs_BT), start=1):
+            mtp_mask = mask_BT[:, depth:]
+            if mtp_mask.any():
+                mtp_loss = F.cross_entropy(mtp_logits[mtp_mask], targets_BT[:, depth:][mtp_mask])
+                loss = loss + self.cfg.mtp_loss_weight * mtp_loss
+                stats[f"mtp{depth}_loss"] = mtp_loss.item()
+        stats["grad_norm"] = self._optimizer_step(loss, self.cfg.warmup_lr)
+        return stats
 
     def rl_step(self, batch: TrainBatch) -> dict:
         """One IcePop update; the version advances by one."""
         self.model.train()
-        logits_BTV = self.model(batch.inputs_BT)
+        logits_BTV = self.model(batch.inputs_BT, replay_BTLK=batch.replay_BTLK)
         logp_new_BT = sequence_logprobs(logits_BTV, batch.targets_BT, self.temperature)
         lag_BT = self.version - batch.versions_BT
         loss, stats = icepop_loss(logp_new_BT, logp_new_BT.detach(), batch.behavior_logprobs_BT,

@@ -23,6 +23,11 @@ class Rollout:
     policy_versions: list[int] = field(default_factory=list)
     finish_reason: str = ""
     slot: int = -1
+    routing: list = field(default_factory=list)  # [positions, L, K] chunks, when recorded
+
+    def routed_experts(self) -> torch.Tensor:
+        """[P + C - 1, L, K]: the experts of every position fed through the model."""
+        return torch.cat(self.routing)
 
 
 def sample_tokens(logits_BV, temperature: float, generator: torch.Generator | None):
@@ -38,8 +43,9 @@ def sample_tokens(logits_BV, temperature: float, generator: torch.Generator | No
 
 class GenerationEngine:
     def __init__(self, model: MoECausalLM, max_slots: int, max_len: int, eos_id: int, pad_id: int,
-                 max_new_tokens: int, temperature: float, seed: int = 0):
+                 max_new_tokens: int, temperature: float, seed: int = 0, record_routing: bool = False):
         self.model = model.eval()
+        self.record_routing = record_routing
         self.cache = KVCache(model.cfg, max_slots, max_len)
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -95,16 +101,22 @@ class GenerationEngine:
             tokens_BT[row, : len(r.prompt_tokens)] = torch.tensor(r.prompt_tokens)
         slots_B = torch.tensor([r.slot for r in rollouts])
         self.cache.lengths[slots_B] = 0
-        logits_BTV = self.model(tokens_BT, self.cache, slots_B)
+        logits_BTV, routing_BTLK = self.model.forward_routed(tokens_BT, self.cache, slots_B)
         self.cache.lengths[slots_B] = lengths_B
+        if self.record_routing:
+            for row, r in enumerate(rollouts):
+                r.routing.append(routing_BTLK[row, : len(r.prompt_tokens)])
         last_logits_BV = logits_BTV[torch.arange(len(rollouts)), lengths_B - 1]
         return self._append(rollouts, last_logits_BV)
 
     def _decode(self, rollouts: list[Rollout]) -> list[Rollout]:
         tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts])
         slots_B = torch.tensor([r.slot for r in rollouts])
-        logits_B1V = self.model(tokens_B1, self.cache, slots_B)
+        logits_B1V, routing_B1LK = self.model.forward_routed(tokens_B1, self.cache, slots_B)
         self.cache.lengths[slots_B] += 1
+        if self.record_routing:
+            for row, r in enumerate(rollouts):
+                r.routing.append(routing_B1LK[row])
         return self._append(rollouts, logits_B1V[:, 0])
 
     def _append(self, rollouts: list[Rollout], logits_BV) -> list[Rollout]:

@@ -144,14 +144,21 @@ class MoE(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(E))
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)
 
-    def route(self, x_ND):
-        """Pick K experts per token: (topk_ids_NK, topk_weights_NK)."""
+    def route(self, x_ND, replay_ids_NK=None):
+        """Pick K experts per token: (topk_ids_NK, topk_weights_NK).
+
+        With `replay_ids_NK` (routing replay) the experts are given; only their
+        mixing weights are computed, from this router's own scores.
+        """
         cfg = self.cfg
         scores_NE = torch.sigmoid(x_ND.float() @ self.router.float().t())
-        choice_NE = scores_NE.detach() + self.expert_bias
-        if cfg.num_expert_groups > 1:
-            choice_NE = self._limit_to_top_groups(choice_NE)
-        topk_ids_NK = choice_NE.topk(cfg.top_k, dim=-1).indices
+        if replay_ids_NK is None:
+            choice_NE = scores_NE.detach() + self.expert_bias
+            if cfg.num_expert_groups > 1:
+                choice_NE = self._limit_to_top_groups(choice_NE)
+            topk_ids_NK = choice_NE.topk(cfg.top_k, dim=-1).indices
+        else:
+            topk_ids_NK = replay_ids_NK.long()
         weights_NK = scores_NE.gather(1, topk_ids_NK)
         weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True) * cfg.routed_scaling_factor
         return topk_ids_NK, weights_NK.to(x_ND.dtype)
@@ -166,16 +173,18 @@ class MoE(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
-    def forward(self, x_BTD):
+    def forward(self, x_BTD, replay_ids_BTK=None):
+        """(output_BTD, topk_ids_BTK): the layer's output and the experts each token used."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
-        topk_ids_NK, weights_NK = self.route(x_ND)
+        replay_ids_NK = None if replay_ids_BTK is None else replay_ids_BTK.reshape(B * T, -1)
+        topk_ids_NK, weights_NK = self.route(x_ND, replay_ids_NK)
         if self.training:
             self.expert_load += torch.bincount(topk_ids_NK.flatten(), minlength=self.cfg.num_experts)
         y_ND = self.experts_batched(x_ND, topk_ids_NK, weights_NK)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
-        return y_ND.view(B, T, D)
+        return y_ND.view(B, T, D), topk_ids_NK.view(B, T, -1)
 
     def expert_ffn(self, e: int, x_MD):
         hidden = F.silu(x_MD @ self.gate_proj[e].t()) * (x_MD @ self.up_proj[e].t())
@@ -216,12 +225,35 @@ class Block(nn.Module):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        is_dense = layer_idx < cfg.first_k_dense
-        self.ffn = SwiGLU(cfg.hidden_size, cfg.dense_ffn_size) if is_dense else MoE(cfg)
+        self.is_moe = layer_idx >= cfg.first_k_dense
+        self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
 
-    def forward(self, x_BTD, positions_BT, cache, slots_B):
+    def forward(self, x_BTD, positions_BT, cache, slots_B, replay_ids_BTK=None):
+        """(output_BTD, topk_ids_BTK or None for a dense block)."""
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, cache, slots_B)
-        return x_BTD + self.ffn(self.post_attn_norm(x_BTD))
+        if not self.is_moe:
+            return x_BTD + self.ffn(self.post_attn_norm(x_BTD)), None
+        ffn_out, topk_ids_BTK = self.ffn(self.post_attn_norm(x_BTD), replay_ids_BTK)
+        return x_BTD + ffn_out, topk_ids_BTK
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction depth: the previous depth's hidden state at t and the
+    embedding of token t + depth go through one more block to predict token t + depth + 1."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.embed_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(self, hidden_BTD, next_embeds_BTD):
+        B, T, _ = hidden_BTD.shape
+        x_BTD = self.eh_proj(torch.cat([self.hidden_norm(hidden_BTD), self.embed_norm(next_embeds_BTD)], -1))
+        x_BTD, _ = self.block(x_BTD, torch.arange(T).expand(B, T), None, None)
+        return x_BTD
 
 
 class MoECausalLM(nn.Module):
@@ -232,6 +264,7 @@ class MoECausalLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPLayer(cfg, cfg.num_layers + i) for i in range(cfg.num_mtp_layers))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -246,21 +279,46 @@ class MoECausalLM(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, std=residual_std)
 
-    def forward(self, tokens_BT, cache: KVCache | None = None, slots_B=None):
-        """Logits [B, T, V]. Without a cache: causal over T from position 0.
+    def forward(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
+        """Logits [B, T, V]; see `hidden_states` for the arguments."""
+        hidden_BTD, _ = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
+        return self.lm_head(self.final_norm(hidden_BTD))
 
-        With a cache: the new tokens of row b continue slot `slots_B[b]` at
-        position `cache.lengths[slot]`, and their keys/values are written there.
+    def forward_routed(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
+        """(logits_BTV, routing_BTLK): also the experts each token used in each of the L MoE layers."""
+        hidden_BTD, routing_BTLK = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
+        return self.lm_head(self.final_norm(hidden_BTD)), routing_BTLK
+
+    def hidden_states(self, tokens_BT, cache=None, slots_B=None, replay_BTLK=None):
+        """(hidden_BTD before the final norm, routing_BTLK or None without MoE layers).
+
+        Without a cache the tokens are causal from position 0. With a cache the new
+        tokens of row b continue slot `slots_B[b]` at position `cache.lengths[slot]`,
+        and their keys/values are written there. `replay_BTLK` (routing replay) gives
+        the experts of every token in each MoE layer instead of letting the router pick.
         """
         B, T = tokens_BT.shape
         if cache is None:
             positions_BT = torch.arange(T).expand(B, T)
         else:
             positions_BT = cache.lengths[slots_B][:, None] + torch.arange(T)
-        x_BTD = self.embed(tokens_BT)
+        x_BTD, routing, moe_index = self.embed(tokens_BT), [], 0
         for block in self.blocks:
-            x_BTD = block(x_BTD, positions_BT, cache, slots_B)
-        return self.lm_head(self.final_norm(x_BTD))
+            replay_BTK = None
+            if replay_BTLK is not None and block.is_moe:
+                replay_BTK, moe_index = replay_BTLK[:, :, moe_index], moe_index + 1
+            x_BTD, topk_ids_BTK = block(x_BTD, positions_BT, cache, slots_B, replay_BTK)
+            if topk_ids_BTK is not None:
+                routing.append(topk_ids_BTK)
+        return x_BTD, torch.stack(routing, dim=2) if routing else None
+
+    def mtp_logits(self, hidden_BTD, tokens_BT) -> list:
+        """Logits of each MTP depth k (1-based): position t predicts token t + k + 1, t < T - k."""
+        logits, T = [], tokens_BT.shape[1]
+        for depth, layer in enumerate(self.mtp, start=1):
+            hidden_BTD = layer(hidden_BTD[:, : T - depth], self.embed(tokens_BT[:, depth:]))
+            logits.append(self.lm_head(layer.final_norm(hidden_BTD)))
+        return logits
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

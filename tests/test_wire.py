@@ -24,7 +24,8 @@ def make_trajectory(group: int, completion_length: int, routed: bool = False) ->
         reward=float(group) / 2,
         judge={"reason": "ok", "seconds": 0.001},
         timings={"generate": 1.25, "judge": 0.01},
-        routed_experts=rng.integers(0, 8, (completion_length, 2, 3), dtype=np.uint8) if routed else None,
+        # one row per position fed to the model: 5 prompt tokens + all completion tokens but the last
+        routed_experts=rng.integers(0, 8, (5 + completion_length - 1, 2, 3), dtype=np.uint8) if routed else None,
     )
 
 
@@ -174,3 +175,11 @@ def test_random_corruption_only_ever_raises_wire_error():
             decode_group(corrupted)
         except WireError:
             pass
+
+
+def test_routing_rows_must_cover_the_fed_positions():
+    trajectory = make_trajectory(0, 6, routed=True)
+    trajectory.routed_experts = trajectory.routed_experts[:-1]
+    with pytest.raises(WireError) as err:
+        encode_group([trajectory])
+    assert err.value.reason == "length_mismatch"
