@@ -12,13 +12,14 @@ import ray
 from tqdm import tqdm
 
 from actors.record import Recorder, accounting, make_run_dir
-from actors.system import (ActorFailure, async_stats, async_sync_weights, call, evaluate,
-                           start_system, stop_system)
+from actors.system import (ActorFailure, async_on_learners, async_stats, async_sync_weights, call,
+                           evaluate, start_system, stop_system)
 from actors.tasks import build_task
 from comm.logs import setup_logging
 from conf.load import ConfigError, load_config
 from conf.schema import Config
 from learner.staleness import AdmissionController
+from model.plan import plan_report
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__"]
@@ -48,7 +49,7 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
     task = build_task(cfg.task)
     eval_prompts = [vars(p) for p in task.eval_prompts()]
     with recorder.timer("warmup"):
-        warmup = call({"learner-0": system.learner.warmup.remote()})["learner-0"]
+        warmup = call(async_on_learners(system, "warmup"))["learner-0"]
     log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
     call(async_sync_weights(system))
     recorder.evaluation("after_warmup", evaluate(system, eval_prompts))
@@ -66,7 +67,7 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
             admission.admit(groups * G)
             cursor += groups
         with recorder.timer("train"):
-            stats = call({"learner-0": system.learner.train_step.remote()})["learner-0"]
+            stats = call(async_on_learners(system, "train_step"))["learner-0"]
             admission.consume(stats["consumed"])
         with recorder.timer("weight_sync"):
             sync = call(async_sync_weights(system))
@@ -80,7 +81,7 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
     recorder.evaluation("after_rl", evaluate(system, eval_prompts))
     log.info("held-out greedy accuracy after RL: {:.1%}", recorder.evaluations["after_rl"]["accuracy"])
-    call({"learner-0": system.learner.save.remote(str(recorder.run_dir / "checkpoint"))})
+    call(async_on_learners(system, "save", str(recorder.run_dir / "checkpoint")))
 
 
 def main(argv: list[str]) -> int:
@@ -90,6 +91,9 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if cfg.run.mode == "plan":
+        print(plan_report(cfg))
+        return 0
     run_dir = make_run_dir(cfg)
     recorder = Recorder(run_dir, cfg)
     log.info("run directory: {}", run_dir)

@@ -52,8 +52,8 @@ class Generator:
         self.failure: BaseException | None = None
 
     def join_weight_group(self, addr: str, port: int, weight_rank: int, world_size: int) -> None:
-        init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s)
-        self.subscriber = WeightSubscriber(self.cfg.comm.collective_timeout_s)
+        group = init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s)
+        self.subscriber = WeightSubscriber(group, self.cfg.comm.collective_timeout_s)
 
     def start(self, judge_endpoints: list[str]) -> None:
         self.thread = threading.Thread(target=self._run, args=(judge_endpoints,), daemon=True,

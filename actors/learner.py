@@ -1,8 +1,12 @@
-"""Learner actor: the Ray shell around `learner.Trainer`.
+"""Learner actor: the Ray shell around `learner.Trainer`, one per learner rank.
 
-It owns the inbound trajectory channel (scored groups from the judges) and rank 0
-of the weight group. All its methods run on the actor's one thread, so the ZeroMQ
-socket and the process group are only touched from there.
+The K learner ranks form one process group and hold the model under FSDP2. Each
+rank owns an inbound trajectory channel (the judges round-robin scored groups over
+all learners) and takes `prompts_per_step / K` groups per step. Rank 0 is also rank
+0 of the weight group and broadcasts each new version, gathering the sharded
+weights one bucket at a time with the other learner ranks. All methods run on the
+actor's one thread, so the ZeroMQ socket and the process groups are only touched
+from there.
 """
 import random
 import time
@@ -15,9 +19,12 @@ import torch
 from actors.tasks import build_task
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
-from comm.weights import WeightPublisher, free_port, init_weight_group
+from comm.weights import WeightPublisher, free_port, init_weight_group, plan_buckets
 from conf.schema import Config
 from learner.batch import collate, collate_demonstrations, select_informative
+from learner.metrics import merge_rank_stats
+from learner.sharding import (all_reduce_sum, full_tensor, gather_stats, init_learner_group, loss_scale,
+                              shard_model)
 from learner.trainer import Trainer
 from model.moe import MoECausalLM
 
@@ -31,50 +38,65 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.task = build_task(cfg.task)
         self.model = MoECausalLM(cfg.model)
-        self.trainer = Trainer(self.model, cfg.learner, cfg.algo, cfg.generator.temperature)
+        self.trainer: Trainer | None = None
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
         self.publisher: WeightPublisher | None = None
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
-    def start(self) -> str:
-        """Bind the inbound channel; returns its endpoint."""
+    def address(self) -> tuple[str, int]:
+        """A free rendezvous port on this node (for the learner group or the weight group)."""
+        return self.cfg.comm.host, free_port(self.cfg.comm.host)
+
+    def setup(self, addr: str, port: int) -> str:
+        """Join the learner group, shard the model, bind the inbound channel; returns its endpoint."""
+        if self.cfg.learner.num > 1:
+            init_learner_group(self.rank, self.cfg.learner.num, addr, port, self.cfg.comm.collective_timeout_s)
+        self.model = shard_model(self.model)
+        self.trainer = Trainer(self.model, self.cfg.learner, self.cfg.algo, self.cfg.generator.temperature)
         self.receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm)
         return self.receiver.endpoint
 
-    def weight_group_address(self) -> tuple[str, int]:
-        return self.cfg.comm.host, free_port(self.cfg.comm.host)
-
     def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
-        init_weight_group(0, world_size, addr, port, self.cfg.comm.collective_timeout_s)
-        bucket_bytes = int(self.cfg.comm.bucket_mb * 2**20)
-        self.publisher = WeightPublisher(self._weights(), bucket_bytes, self.cfg.comm.collective_timeout_s)
+        group = init_weight_group(0, world_size, addr, port, self.cfg.comm.collective_timeout_s)
+        self.publisher = WeightPublisher(group, self._weights(), self._bucket_bytes(),
+                                         self.cfg.comm.collective_timeout_s)
+
+    def _bucket_bytes(self) -> int:
+        return int(self.cfg.comm.bucket_mb * 2**20)
 
     def _weights(self) -> list[tuple[str, torch.Tensor]]:
         """What generators need: parameters and persistent buffers (the expert bias)."""
         return list(self.model.state_dict().items())
 
     def warmup(self) -> dict:
-        """Supervised warm-up on the task's imperfect demonstrations."""
-        rng = random.Random(f"warmup-{self.cfg.run.seed}")
+        """Supervised warm-up on the task's imperfect demonstrations (each rank its own share)."""
+        rng = random.Random(f"warmup-{self.cfg.run.seed}-{self.rank}")
+        per_rank = self.cfg.learner.warmup_batch // self.cfg.learner.num
         start, stats = time.perf_counter(), {}
         for _ in range(self.cfg.learner.warmup_steps):
-            pairs = [self.task.demonstration(rng) for _ in range(self.cfg.learner.warmup_batch)]
+            pairs = [self.task.demonstration(rng) for _ in range(per_rank)]
             stats = self.trainer.sft_step(*collate_demonstrations(pairs, self.task.tokenizer.pad_id))
         return {**stats, "warmup_s": time.perf_counter() - start}
 
     def publish(self) -> dict:
-        """Broadcast the current weights as version `trainer.version` (generators join)."""
-        return {**self.publisher.publish(self.trainer.version, self._weights()),
-                "version": self.trainer.version}
+        """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0."""
+        state = dict(self._weights())
+
+        def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            return {name: full_tensor(state[name]) for name in names}
+
+        if self.publisher is not None:
+            return {**self.publisher.publish(self.trainer.version, fetch), "version": self.trainer.version}
+        plan = plan_buckets(list(state.items()), self._bucket_bytes())
+        for index in range(plan.num_buckets):
+            fetch(plan.bucket_names(index))  # the all-gathers rank 0 is doing for this bucket
+        return {"version": self.trainer.version}
 
     def train_step(self) -> dict:
-        """Wait for one batch of scored groups, then take one IcePop step."""
+        """Wait for this rank's share of the batch, then take one IcePop step with the other ranks."""
         groups, wait_s = self._next_batch()
-        if self.cfg.algo.filter_uninformative:
-            informative, dropped = select_informative(groups)
-        else:
-            informative, dropped = groups, 0
+        informative, dropped = select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
         consumed = sum(len(g) for g in groups)
         self.counters["consumed_samples"] += consumed
         self.counters["dropped_uninformative"] += dropped * self.cfg.algo.group_size
@@ -82,36 +104,53 @@ class Learner:
         stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards), "wait_s": wait_s,
                  "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
                  "informative_groups": len(informative)}
-        if informative:
-            start = time.perf_counter()
-            stats.update(self.trainer.rl_step(collate(informative, self.task.tokenizer.pad_id,
-                                                      self.cfg.algo.normalize_std)))
-            stats["train_s"] = time.perf_counter() - start
-            self.counters["trained_samples"] += sum(len(g) for g in informative)
-            self.counters["trained_tokens"] += stats["trained_tokens"]
+        stats.update(self._update(informative, groups))
         stats["version"] = self.trainer.version
+        return merge_rank_stats(gather_stats(stats))
+
+    def _update(self, informative: list, groups: list) -> dict:
+        """One optimizer step over all ranks; skipped by all when no rank has a signal."""
+        # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
+        batch = collate(informative or groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std)
+        local_count = self.trainer.aggregation_count(batch) if informative else 0
+        (global_count,) = all_reduce_sum([local_count])
+        if global_count == 0:
+            return {}
+        scale = loss_scale(self.trainer.params.aggregation, local_count, global_count)
+        start = time.perf_counter()
+        stats = self.trainer.rl_step(batch, loss_scale=scale if informative else 0.0)
+        stats["train_s"] = time.perf_counter() - start
+        if not informative:
+            stats["trained_tokens"] = 0
+            return stats
+        self.counters["trained_samples"] += sum(len(g) for g in informative)
+        self.counters["trained_tokens"] += stats["trained_tokens"]
         return stats
 
     def _next_batch(self):
+        share = self.cfg.algo.prompts_per_step // self.cfg.learner.num
         groups, start = [], time.perf_counter()
-        while len(groups) < self.cfg.algo.prompts_per_step:
+        while len(groups) < share:
             group = self.receiver.recv_group(timeout_s=self.cfg.learner.recv_timeout_s)
             if group is None:
-                raise TimeoutError(f"learner-{self.rank} got {len(groups)}/{self.cfg.algo.prompts_per_step} "
-                                   f"groups in {self.cfg.learner.recv_timeout_s}s at version {self.trainer.version}")
+                raise TimeoutError(f"learner-{self.rank} got {len(groups)}/{share} groups in "
+                                   f"{self.cfg.learner.recv_timeout_s}s at version {self.trainer.version}")
             groups.append(group)
         return groups, time.perf_counter() - start
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
-        return {**self.counters, **drops, "version": self.trainer.version}
+        return {**self.counters, **drops, "version": self.trainer.version if self.trainer else 0}
 
     def save(self, directory: str) -> str:
-        path = Path(directory) / f"learner-{self.rank}.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.trainer.optimizer.state_dict(),
-                    "version": self.trainer.version, "config": self.cfg}, path)
+        """Every rank writes its shard of model, optimizer and trainer state (DCP)."""
+        path = Path(directory)
+        self.trainer.save(path)
         return str(path)
+
+    def load(self, directory: str) -> int:
+        self.trainer.load(Path(directory))
+        return self.trainer.version
 
     def stop(self) -> dict:
         if self.receiver is not None:

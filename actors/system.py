@@ -24,12 +24,17 @@ class ActorFailure(RuntimeError):
 
 @dataclass
 class System:
-    learner: ray.actor.ActorHandle
+    learners: list
     judges: list
     generators: list
 
+    @property
+    def learner(self):
+        """Rank 0: publishes weights and reports each step's merged figures."""
+        return self.learners[0]
+
     def named(self) -> dict:
-        actors = {"learner-0": self.learner}
+        actors = {f"learner-{i}": a for i, a in enumerate(self.learners)}
         actors.update({f"judge-{i}": j for i, j in enumerate(self.judges)})
         actors.update({f"generator-{i}": g for i, g in enumerate(self.generators)})
         return actors
@@ -52,20 +57,24 @@ def _summary(err: Exception) -> str:
 
 
 def start_system(cfg: Config) -> System:
-    """Create the named actors, then wire channels and the weight group."""
+    """Create the named actors, then wire the learner group, channels and the weight group."""
     system = System(
-        learner=Learner.options(name="learner-0", num_cpus=cfg.learner.num_cpus).remote(cfg, 0),
+        learners=[Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus).remote(cfg, i)
+                  for i in range(cfg.learner.num)],
         judges=[Judge.options(name=f"judge-{i}", num_cpus=cfg.judge.num_cpus).remote(cfg, i)
                 for i in range(cfg.judge.num)],
         generators=[Generator.options(name=f"generator-{i}", num_cpus=cfg.generator.num_cpus,
                                       max_concurrency=4).remote(cfg, i)
                     for i in range(cfg.generator.num)])
-    learner_endpoint = call({"learner-0": system.learner.start.remote()})["learner-0"]
-    judge_endpoints = list(call({f"judge-{i}": j.start.remote([learner_endpoint])
+    addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
+    # every learner rank must enter the group's rendezvous together
+    learner_endpoints = list(call({f"learner-{i}": a.setup.remote(addr, port)
+                                   for i, a in enumerate(system.learners)}).values())
+    judge_endpoints = list(call({f"judge-{i}": j.start.remote(learner_endpoints)
                                  for i, j in enumerate(system.judges)}).values())
-    addr, port = call({"learner-0": system.learner.weight_group_address.remote()})["learner-0"]
+    addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
     world_size = 1 + len(system.generators)
-    # every rank must enter init_process_group together, so all joins are in flight at once
+    # likewise every rank of the weight group: learner-0 and each generator
     joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size)}
     joins.update({f"generator-{i}": g.join_weight_group.remote(addr, port, i + 1, world_size)
                   for i, g in enumerate(system.generators)})
@@ -75,10 +84,15 @@ def start_system(cfg: Config) -> System:
 
 
 def async_sync_weights(system: System) -> dict:
-    """Publish the learner's weights; every generator receives them in the same collective."""
-    refs = {"learner-0": system.learner.publish.remote()}
+    """Publish learner-0's weights (the other learners gather with it); generators receive."""
+    refs = {f"learner-{i}": a.publish.remote() for i, a in enumerate(system.learners)}
     refs.update({f"generator-{i}": g.receive_weights.remote() for i, g in enumerate(system.generators)})
     return refs
+
+
+def async_on_learners(system: System, method: str, *args) -> dict:
+    """The same method on every learner rank (their collectives need all of them)."""
+    return {f"learner-{i}": getattr(a, method).remote(*args) for i, a in enumerate(system.learners)}
 
 
 def async_stats(system: System) -> dict:

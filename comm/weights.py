@@ -1,7 +1,9 @@
 """Versioned, bucketed weight broadcast over torch.distributed (gloo on CPU, NCCL on GPU).
 
-The weight group holds the publisher (rank 0, the learner) and the subscribers (ranks 1..,
-the generators). Tensors travel in flat buckets, one dtype per bucket, one collective per
+The weight group holds the publisher (rank 0, learner-0) and the subscribers (ranks 1..,
+the generators). It is a process group of its own, built from a TCP store, not the process's
+default group: the learners keep the default group for FSDP, and a generator can rejoin a new
+weight group without touching it. Tensors travel in flat buckets, one dtype per bucket, one collective per
 bucket. The bucket plan (names, dtypes, shapes, offsets) is sent once, when the publisher and
 subscribers are built; each publish then sends a small header [version, num_buckets] and the
 buckets. Subscribers receive into buffers allocated once from the plan.
@@ -13,6 +15,7 @@ The same code serves NCCL: the communication buffers then live on the current CU
 """
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,17 +40,38 @@ def pick_backend() -> str:
     return "gloo"
 
 
-def init_weight_group(rank: int, world_size: int, master_addr: str, master_port: int,
-                      timeout_s: float, backend: str | None = None) -> None:
-    """Join the weight group as the default process group; blocks until all `world_size` ranks join.
+@dataclass
+class WeightGroup:
+    """A standalone process group: `pg` runs the collectives, `rank` 0 publishes."""
 
-    Rank 0 is the publisher (learner) and hosts the rendezvous store on master_addr:master_port;
-    ranks 1.. are generators. With NCCL, set the CUDA device before calling.
+    pg: dist.ProcessGroup
+    rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def role(self) -> str:
+        return "learner" if self.rank == PUBLISHER_RANK else "generator"
+
+
+def init_weight_group(rank: int, world_size: int, master_addr: str, master_port: int,
+                      timeout_s: float, backend: str | None = None) -> WeightGroup:
+    """Join the weight group; blocks until all `world_size` ranks joined or `timeout_s` passed.
+
+    Rank 0 (the publisher) hosts the rendezvous store on master_addr:master_port; ranks 1..
+    are generators. With NCCL, set the CUDA device before calling.
     """
     backend = backend or pick_backend()
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    logger.info("joined weight group as rank {}/{} ({}) over {}", rank, world_size, _role(rank), backend)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_addr, master_port, world_size, rank == PUBLISHER_RANK, timeout=timeout)
+    store = dist.PrefixStore("ringrl-weights", store)
+    if backend == "nccl":
+        pg, device = dist.ProcessGroupNCCL(store, rank, world_size), torch.device("cuda", torch.cuda.current_device())
+    else:
+        pg, device = dist.ProcessGroupGloo(store, rank, world_size, timeout), torch.device("cpu")
+    group = WeightGroup(pg, rank, world_size, device)
+    logger.info("joined weight group as rank {}/{} ({}) over {}", rank, world_size, group.role, backend)
+    return group
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -80,6 +104,9 @@ class BucketPlan:
     @property
     def num_buckets(self) -> int:
         return len(self.bucket_numels)
+
+    def bucket_names(self, index: int) -> list[str]:
+        return [entry.name for entry in self.entries if entry.bucket_index == index]
 
     @property
     def total_bytes(self) -> int:
@@ -125,52 +152,68 @@ def plan_buckets(named_tensors: list[tuple[str, torch.Tensor]], bucket_bytes: in
     return BucketPlan(entries, bucket_dtypes, bucket_numels)
 
 
+Fetch = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+def fetch_from(named_tensors: list[tuple[str, torch.Tensor]]) -> Fetch:
+    """A fetch over tensors already whole in memory."""
+    tensors = dict(named_tensors)
+    return lambda names: {name: tensors[name] for name in names}
+
+
 class WeightPublisher:
     """Rank 0 of the weight group: sends the plan once, then one version per `publish`.
 
     Blocking: the constructor returns once the plan is sent; `publish` returns once every
     bucket's broadcast has completed on this rank, and raises CollectiveTimeout if any step
     (the rendezvous, the header, a bucket) takes longer than `timeout_s`. Nothing is queued.
+    `publish` asks `fetch` for one bucket's tensors at a time, so a sharded learner gathers
+    one bucket, not the whole model, before each broadcast.
     """
 
-    def __init__(self, named_tensors: list[tuple[str, torch.Tensor]], bucket_bytes: int, timeout_s: float):
+    def __init__(self, group: WeightGroup, named_tensors: list[tuple[str, torch.Tensor]],
+                 bucket_bytes: int, timeout_s: float):
+        self.group = group
         self.plan = plan_buckets(named_tensors, bucket_bytes)
         self._timeout_s = timeout_s
-        self._buckets = _allocate_buckets(self.plan)
+        self._buckets = _allocate_buckets(self.plan, group.device)
         payload = self.plan.to_bytes()
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=_comm_device())
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
         # Subscribers wait in their constructor for the plan: its size first, then its bytes.
-        _broadcast(size, timeout_s, "weight plan size")
-        _broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(_comm_device()),
+        _broadcast(group, size, timeout_s, "weight plan size")
+        _broadcast(group, torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device),
                    timeout_s, "weight plan")
         logger.info("weight plan sent: {} tensors, {} buckets, {:.1f} MB",
                     len(self.plan.entries), self.plan.num_buckets, self.plan.total_bytes / 1e6)
 
-    def publish(self, version: int, named_tensors: list[tuple[str, torch.Tensor]]) -> dict:
-        """Broadcast `named_tensors` as `version`; returns {"bytes", "seconds", "buckets"}."""
+    def publish(self, version: int, fetch: Fetch) -> dict:
+        """Broadcast the plan's tensors, as `fetch` returns them, as `version`.
+
+        Returns {"bytes", "seconds", "buckets"}.
+        """
         start = time.perf_counter()
-        self._pack(named_tensors)
         # Every subscriber enters receive() for this version; meeting here first turns a missing
         # one into a timeout of this rendezvous before any bucket is sent.
-        _rendezvous(self._timeout_s, f"weight broadcast rendezvous of version {version}")
-        header = torch.tensor([version, self.plan.num_buckets], dtype=torch.int64, device=_comm_device())
+        _rendezvous(self.group, self._timeout_s, f"weight broadcast rendezvous of version {version}")
+        header = torch.tensor([version, self.plan.num_buckets], dtype=torch.int64, device=self.group.device)
         # Subscribers wait for the header to learn the version and that the buckets follow.
-        _broadcast(header, self._timeout_s, f"weight broadcast header of version {version}")
+        _broadcast(self.group, header, self._timeout_s, f"weight broadcast header of version {version}")
         for index, bucket in enumerate(self._buckets):
+            self._pack(index, fetch(self.plan.bucket_names(index)))
             # Subscribers receive bucket `index` into their flat buffer of the same dtype and size.
-            _broadcast(bucket, self._timeout_s,
+            _broadcast(self.group, bucket, self._timeout_s,
                        f"weight broadcast bucket {index + 1}/{len(self._buckets)} of version {version}")
         seconds = time.perf_counter() - start
         logger.debug("published version {}: {:.1f} MB in {} buckets, {:.3f}s",
                      version, self.plan.total_bytes / 1e6, self.plan.num_buckets, seconds)
         return {"bytes": self.plan.total_bytes, "seconds": seconds, "buckets": self.plan.num_buckets}
 
-    def _pack(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        tensors = dict(named_tensors)
-        if tensors.keys() != {entry.name for entry in self.plan.entries}:
-            raise ValueError("publish needs exactly the tensors of the plan")
+    def _pack(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        entries = [entry for entry in self.plan.entries if entry.bucket_index == index]
+        if tensors.keys() != {entry.name for entry in entries}:
+            raise ValueError(f"fetch must return exactly the tensors of bucket {index}")
         with torch.no_grad():
-            for entry in self.plan.entries:
+            for entry in entries:
                 tensor = tensors[entry.name]
                 if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
                     raise ValueError(f"{entry.name}: {tensor.dtype} {tuple(tensor.shape)} does not match "
@@ -189,16 +232,17 @@ class WeightSubscriber:
     `receive`, which overwrites them; copy them into the model before receiving again.
     """
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, group: WeightGroup, timeout_s: float):
+        self.group = group
         self._timeout_s = timeout_s
         self._last_version: int | None = None
-        size = torch.zeros(1, dtype=torch.int64, device=_comm_device())
+        size = torch.zeros(1, dtype=torch.int64, device=group.device)
         # The publisher sends the plan from its constructor: its size first, then its bytes.
-        _broadcast(size, timeout_s, "weight plan size")
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=_comm_device())
-        _broadcast(payload, timeout_s, "weight plan")
+        _broadcast(group, size, timeout_s, "weight plan size")
+        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
+        _broadcast(group, payload, timeout_s, "weight plan")
         self.plan = BucketPlan.from_bytes(payload.cpu().numpy().tobytes())
-        self._buckets = _allocate_buckets(self.plan)
+        self._buckets = _allocate_buckets(self.plan, group.device)
         self._views = {entry.name: self._buckets[entry.bucket_index][entry.offset:entry.offset + entry.numel]
                        .view(entry.shape) for entry in self.plan.entries}
 
@@ -206,58 +250,49 @@ class WeightSubscriber:
         """The next published version and its tensors (views, valid until the next receive)."""
         after = f"after version {self._last_version}"
         # The publisher meets all subscribers here at the start of each publish.
-        _rendezvous(self._timeout_s, f"weight broadcast rendezvous ({after})")
-        header = torch.zeros(2, dtype=torch.int64, device=_comm_device())
+        _rendezvous(self.group, self._timeout_s, f"weight broadcast rendezvous ({after})")
+        header = torch.zeros(2, dtype=torch.int64, device=self.group.device)
         # The publisher sends [version, num_buckets] before the buckets.
-        _broadcast(header, self._timeout_s, f"weight broadcast header ({after})")
+        _broadcast(self.group, header, self._timeout_s, f"weight broadcast header ({after})")
         version, num_buckets = header.tolist()
         if num_buckets != self.plan.num_buckets:
             raise RuntimeError(f"publisher announced {num_buckets} buckets for version {version}, "
                                f"the plan has {self.plan.num_buckets}")
         for index, bucket in enumerate(self._buckets):
             # The publisher broadcasts bucket `index` of this version into this buffer.
-            _broadcast(bucket, self._timeout_s,
+            _broadcast(self.group, bucket, self._timeout_s,
                        f"weight broadcast bucket {index + 1}/{num_buckets} of version {version}")
         self._last_version = version
         return version, dict(self._views)
 
 
-def _allocate_buckets(plan: BucketPlan) -> list[torch.Tensor]:
-    return [torch.empty(numel, dtype=dtype, device=_comm_device())
+def _allocate_buckets(plan: BucketPlan, device: torch.device) -> list[torch.Tensor]:
+    return [torch.empty(numel, dtype=dtype, device=device)
             for numel, dtype in zip(plan.bucket_numels, plan.bucket_dtypes)]
 
 
-def _broadcast(tensor: torch.Tensor, timeout_s: float, operation: str) -> None:
-    _wait(dist.broadcast(tensor, src=PUBLISHER_RANK, async_op=True), timeout_s, operation)
+def _broadcast(group: WeightGroup, tensor: torch.Tensor, timeout_s: float, operation: str) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = PUBLISHER_RANK
+    _wait(group, group.pg.broadcast([tensor], options), timeout_s, operation)
 
 
-def _rendezvous(timeout_s: float, operation: str) -> None:
+def _rendezvous(group: WeightGroup, timeout_s: float, operation: str) -> None:
     """A barrier as an all-reduce on a tensor of the communication device (explicit on NCCL too)."""
-    token = torch.zeros(1, dtype=torch.int32, device=_comm_device())
-    _wait(dist.all_reduce(token, async_op=True), timeout_s, operation)
+    token = torch.zeros(1, dtype=torch.int32, device=group.device)
+    _wait(group, group.pg.allreduce([token]), timeout_s, operation)
 
 
-def _wait(work: dist.Work, timeout_s: float, operation: str) -> None:
-    rank = dist.get_rank()
+def _wait(group: WeightGroup, work: dist.Work, timeout_s: float, operation: str) -> None:
     start = time.monotonic()
     try:
         work.wait(timeout=timedelta(seconds=timeout_s))
     except RuntimeError as error:
         elapsed = time.monotonic() - start
-        where = f"on rank {rank} ({_role(rank)})"
+        where = f"on rank {group.rank} ({group.role})"
         if elapsed >= timeout_s * 0.99 or "timed out" in str(error).lower():
             raise CollectiveTimeout(f"{operation} timed out after {timeout_s}s {where}") from error
         raise RuntimeError(f"{operation} failed after {elapsed:.2f}s {where}: {error}") from error
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _role(rank: int) -> str:
-    return "learner" if rank == PUBLISHER_RANK else "generator"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

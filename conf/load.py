@@ -73,7 +73,10 @@ def validate(cfg: Config) -> None:
     for role in ("generator", "judge", "learner"):
         num = getattr(cfg, role).num
         _require(num >= 1, f"{role}.num ({num}) must be at least 1")
-    _require(cfg.learner.num == 1, f"learner.num ({cfg.learner.num}) must be 1: sharded learners are not built yet")
+    _require(a.prompts_per_step % cfg.learner.num == 0 or cfg.run.mode == "plan",
+             f"learner.num ({cfg.learner.num}) must divide algo.prompts_per_step ({a.prompts_per_step})")
+    _require(cfg.learner.warmup_batch % cfg.learner.num == 0 or cfg.run.mode == "plan",
+             f"learner.num ({cfg.learner.num}) must divide learner.warmup_batch ({cfg.learner.warmup_batch})")
     _require(m.num_heads % m.num_kv_heads == 0,
              f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})")
     _require(0 <= m.first_k_dense <= m.num_layers,
@@ -100,4 +103,5 @@ def validate(cfg: Config) -> None:
     _require(cfg.generator.max_slots >= a.group_size,
              f"generator.max_slots ({cfg.generator.max_slots}) must hold one group (algo.group_size {a.group_size})")
     _require(cfg.judge.timeout_s > 0, f"judge.timeout_s ({cfg.judge.timeout_s}) must be > 0")
+    _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")

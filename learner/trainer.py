@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from conf.schema import AlgoConfig, LearnerConfig
 from learner.batch import TrainBatch
+from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.losses import IcePopParams, icepop_loss, sequence_logprobs
+from learner.sharding import all_reduce_expert_load
 from learner.staleness import lag_histogram
 
 
@@ -36,6 +38,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        all_reduce_expert_load(self.model)
         self.model.update_expert_bias()
         return float(grad_norm)
 
@@ -43,7 +46,7 @@ class Trainer:
         """Cross-entropy on the completion tokens of warm-up demonstrations (+ weighted MTP losses)."""
         self.model.train()
         hidden_BTD, _ = self.model.hidden_states(inputs_BT)
-        logits_BTV = self.model.lm_head(self.model.final_norm(hidden_BTD))
+        logits_BTV = self.model.logits(hidden_BTD)
         loss = F.cross_entropy(logits_BTV[mask_BT], targets_BT[mask_BT])
         stats = {"sft_loss": loss.item()}
         for depth, mtp_logits in enumerate(self.model.mtp_logits(hidden_BTD, inputs_BT), start=1):
@@ -55,8 +58,19 @@ class Trainer:
         stats["grad_norm"] = self._optimizer_step(loss, self.cfg.warmup_lr)
         return stats
 
-    def rl_step(self, batch: TrainBatch) -> dict:
-        """One IcePop update; the version advances by one."""
+    def rl_step(self, batch: TrainBatch, loss_scale: float = 1.0) -> dict:
+        """One IcePop update; the version advances by one.
+
+        `loss_scale` multiplies the loss before backward (sharded learners use it to
+        make the gradient average over ranks equal the whole batch's gradient).
+        """
+        loss, stats = self.rl_loss(batch)
+        stats["grad_norm"] = self._optimizer_step(loss * loss_scale, self.cfg.lr)
+        self.version += 1
+        return stats
+
+    def rl_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
+        """The IcePop loss of `batch` under the current weights, and its statistics."""
         self.model.train()
         logits_BTV = self.model(batch.inputs_BT, replay_BTLK=batch.replay_BTLK)
         logp_new_BT = sequence_logprobs(logits_BTV, batch.targets_BT, self.temperature)
@@ -64,8 +78,17 @@ class Trainer:
         loss, stats = icepop_loss(logp_new_BT, logp_new_BT.detach(), batch.behavior_logprobs_BT,
                                   batch.advantages_B, batch.mask_BT, self.params, lag_BT=lag_BT)
         stats["loss"] = loss.item()
-        stats["grad_norm"] = self._optimizer_step(loss, self.cfg.lr)
         stats["lag_histogram"] = lag_histogram(lag_BT, batch.mask_BT)
         stats["trained_tokens"] = batch.num_tokens
-        self.version += 1
-        return stats
+        return loss, stats
+
+    def aggregation_count(self, batch: TrainBatch) -> int:
+        """What the loss aggregation divides by, on this batch (1 for the fixed token budget)."""
+        return {"seq_mean": batch.mask_BT.shape[0], "token_mean": batch.num_tokens,
+                "token_budget": 1}[self.params.aggregation]
+
+    def save(self, directory) -> None:
+        save_checkpoint(directory, self.model, self.optimizer, {"version": self.version})
+
+    def load(self, directory) -> None:
+        self.version = load_checkpoint(directory, self.model, self.optimizer, {"version": 0})["version"]

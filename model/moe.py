@@ -197,8 +197,12 @@ class MoE(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of_pair = order // K
         counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
-        chunks = x_ND[token_of_pair].split(counts)
-        outputs = [self.expert_ffn(e, chunk) for e, chunk in enumerate(chunks) if chunk.shape[0]]
+        chunks = x_ND.index_select(0, token_of_pair).split(counts)
+        # unbind, not self.gate_proj[e]: its backward stacks all experts' gradients once,
+        # where each indexing op would write a full-size zero gradient per expert
+        experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), chunks)
+        outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
+                   for gate, up, down, x_MD in experts if x_MD.shape[0]]
         y_pairs = torch.cat(outputs) * weights_NK.flatten()[order, None]
         return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs)
 
@@ -250,10 +254,11 @@ class MTPLayer(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, hidden_BTD, next_embeds_BTD):
+        """(hidden_BTD for the next depth, normed_BTD for the shared lm_head)."""
         B, T, _ = hidden_BTD.shape
         x_BTD = self.eh_proj(torch.cat([self.hidden_norm(hidden_BTD), self.embed_norm(next_embeds_BTD)], -1))
         x_BTD, _ = self.block(x_BTD, torch.arange(T).expand(B, T), None, None)
-        return x_BTD
+        return x_BTD, self.final_norm(x_BTD)
 
 
 class MoECausalLM(nn.Module):
@@ -282,12 +287,15 @@ class MoECausalLM(nn.Module):
     def forward(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
         """Logits [B, T, V]; see `hidden_states` for the arguments."""
         hidden_BTD, _ = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
+        return self.logits(hidden_BTD)
+
+    def logits(self, hidden_BTD):
         return self.lm_head(self.final_norm(hidden_BTD))
 
     def forward_routed(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
         """(logits_BTV, routing_BTLK): also the experts each token used in each of the L MoE layers."""
         hidden_BTD, routing_BTLK = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
-        return self.lm_head(self.final_norm(hidden_BTD)), routing_BTLK
+        return self.logits(hidden_BTD), routing_BTLK
 
     def hidden_states(self, tokens_BT, cache=None, slots_B=None, replay_BTLK=None):
         """(hidden_BTD before the final norm, routing_BTLK or None without MoE layers).
@@ -316,8 +324,8 @@ class MoECausalLM(nn.Module):
         """Logits of each MTP depth k (1-based): position t predicts token t + k + 1, t < T - k."""
         logits, T = [], tokens_BT.shape[1]
         for depth, layer in enumerate(self.mtp, start=1):
-            hidden_BTD = layer(hidden_BTD[:, : T - depth], self.embed(tokens_BT[:, depth:]))
-            logits.append(self.lm_head(layer.final_norm(hidden_BTD)))
+            hidden_BTD, normed_BTD = layer(hidden_BTD[:, : T - depth], self.embed(tokens_BT[:, depth:]))
+            logits.append(self.lm_head(normed_BTD))
         return logits
 
     def moe_layers(self) -> list[MoE]:

@@ -3,11 +3,10 @@ import functools
 import time
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from comm.weights import (BucketPlan, CollectiveTimeout, WeightPublisher, WeightSubscriber, free_port,
-                          init_weight_group, plan_buckets)
+from comm.weights import (BucketPlan, CollectiveTimeout, WeightPublisher, WeightSubscriber, fetch_from,
+                          free_port, init_weight_group, plan_buckets)
 
 BUCKET_BYTES = 4096
 WORLD_SIZE = 3
@@ -30,32 +29,30 @@ def model_tensors(version: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def publisher_main(port: int, out_path: str, versions: list[int], timeout_s: float) -> None:
-    init_weight_group(0, WORLD_SIZE, "127.0.0.1", port, timeout_s, backend="gloo")
-    publisher = WeightPublisher(model_tensors(0), BUCKET_BYTES, timeout_s)
-    stats = [publisher.publish(version, model_tensors(version)) for version in versions]
+    group = init_weight_group(0, WORLD_SIZE, "127.0.0.1", port, timeout_s, backend="gloo")
+    publisher = WeightPublisher(group, model_tensors(0), BUCKET_BYTES, timeout_s)
+    stats = [publisher.publish(version, fetch_from(model_tensors(version))) for version in versions]
     torch.save({"stats": stats, "plan_bytes": publisher.plan.total_bytes}, out_path)
-    dist.destroy_process_group()
 
 
 def subscriber_main(rank: int, port: int, out_path: str, receives: int) -> None:
-    init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, GROUP_TIMEOUT_S, backend="gloo")
-    subscriber = WeightSubscriber(GROUP_TIMEOUT_S)
+    group = init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, GROUP_TIMEOUT_S, backend="gloo")
+    subscriber = WeightSubscriber(group, GROUP_TIMEOUT_S)
     received = {}
     for _ in range(receives):
         version, tensors = subscriber.receive()
         received[version] = {name: tensor.clone() for name, tensor in tensors.items()}
     torch.save(received, out_path)
-    dist.destroy_process_group()
 
 
 def timed_out_main(rank: int, port: int, out_path: str) -> None:
     """Publish (rank 0) or receive (rank 1) once while rank 2 never calls receive."""
-    init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
+    group = init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
     if rank == 0:
-        publisher = WeightPublisher(model_tensors(0), BUCKET_BYTES, SHORT_TIMEOUT_S)
-        transfer = functools.partial(publisher.publish, 1, model_tensors(1))
+        publisher = WeightPublisher(group, model_tensors(0), BUCKET_BYTES, SHORT_TIMEOUT_S)
+        transfer = functools.partial(publisher.publish, 1, fetch_from(model_tensors(1)))
     else:
-        transfer = WeightSubscriber(SHORT_TIMEOUT_S).receive
+        transfer = WeightSubscriber(group, SHORT_TIMEOUT_S).receive
     start = time.monotonic()
     try:
         transfer()
@@ -63,16 +60,15 @@ def timed_out_main(rank: int, port: int, out_path: str) -> None:
     except CollectiveTimeout as error:
         outcome = {"error": str(error)}
     outcome["seconds"] = time.monotonic() - start
-    dist.destroy_process_group()  # the recovery path after a timeout: the group must be torn down
+    del group  # after a timeout the group is unusable: drop it; recovery builds a new one
     torch.save(outcome, out_path)
 
 
 def absent_main(port: int, release) -> None:
     """Joins the group and takes the plan, then stays away from the broadcast until released."""
-    init_weight_group(2, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
-    WeightSubscriber(SHORT_TIMEOUT_S)
+    group = init_weight_group(2, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
+    WeightSubscriber(group, SHORT_TIMEOUT_S)
     release.wait(60)
-    dist.destroy_process_group()
 
 
 def run_processes(targets: list[tuple], timeout_s: float) -> None:
