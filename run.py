@@ -3,10 +3,12 @@
 The driver starts the actors, paces admission, triggers training and weight
 syncs, and records; trajectories never pass through it.
 """
+import json
 import math
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 from tqdm import tqdm
@@ -23,6 +25,7 @@ from model.plan import plan_report
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__"]
+DRIVER_STATE = "driver.json"
 
 
 @contextmanager
@@ -45,27 +48,49 @@ def ray_session(cfg: Config, namespace: str, log):
         ray.shutdown()  # an attached cluster keeps running; only this job's actors go
 
 
+def start_policy(cfg: Config, system, recorder: Recorder, log) -> int:
+    """Warm up a fresh policy, or load `run.resume`; publish it; return the prompt cursor."""
+    if cfg.run.resume:
+        version = call(async_on_learners(system, "load", cfg.run.resume))["learner-0"]
+        cursor = json.loads((Path(cfg.run.resume) / DRIVER_STATE).read_text())["prompt_cursor"]
+        log.info("resumed {} at version {}, prompt cursor {}", cfg.run.resume, version, cursor)
+    else:
+        with recorder.timer("warmup"):
+            warmup = call(async_on_learners(system, "warmup"))["learner-0"]
+        log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
+        cursor = 0
+    call(async_sync_weights(system))
+    return cursor
+
+
+def admit(system, task, admission: AdmissionController, group_size: int, cursor: int) -> int:
+    """Hand generators as many new prompts as the staleness bound allows; returns the new cursor."""
+    groups = admission.admissible_groups(group_size)
+    prompts = [vars(task.train_prompt(cursor + i)) for i in range(groups)]
+    call({f"generator-{i}": g.submit.remote(prompts[i :: len(system.generators)])
+          for i, g in enumerate(system.generators)})
+    admission.admit(groups * group_size)
+    return cursor + groups
+
+
+def save(system, directory: Path, cursor: int) -> None:
+    """Every learner writes its shard; the driver adds where the prompt stream stands."""
+    call(async_on_learners(system, "save", str(directory)))
+    (directory / DRIVER_STATE).write_text(json.dumps({"prompt_cursor": cursor}))
+
+
 def train(cfg: Config, system, recorder: Recorder, log) -> None:
     task = build_task(cfg.task)
     eval_prompts = [vars(p) for p in task.eval_prompts()]
-    with recorder.timer("warmup"):
-        warmup = call(async_on_learners(system, "warmup"))["learner-0"]
-    log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
-    call(async_sync_weights(system))
-    recorder.evaluation("after_warmup", evaluate(system, eval_prompts))
-    log.info("held-out greedy accuracy after warm-up: {:.1%}", recorder.evaluations["after_warmup"]["accuracy"])
+    cursor = start_policy(cfg, system, recorder, log)
+    accuracy = recorder.evaluation("after_warmup", evaluate(system, eval_prompts))["accuracy"]
+    log.info("held-out greedy accuracy before RL: {:.1%}", accuracy)
     G = cfg.algo.group_size
     admission = AdmissionController(cfg.algo.prompts_per_step * G, cfg.algo.max_staleness)
-    cursor, accuracy = 0, recorder.evaluations["after_warmup"]["accuracy"]
     bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
         with recorder.timer("admit"):
-            groups = admission.admissible_groups(G)
-            prompts = [vars(task.train_prompt(cursor + i)) for i in range(groups)]
-            call({f"generator-{i}": g.submit.remote(prompts[i :: len(system.generators)])
-                  for i, g in enumerate(system.generators)})
-            admission.admit(groups * G)
-            cursor += groups
+            cursor = admit(system, task, admission, G, cursor)
         with recorder.timer("train"):
             stats = call(async_on_learners(system, "train_step"))["learner-0"]
             admission.consume(stats["consumed"])
@@ -79,9 +104,9 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
                        "generated_tokens": sum(c.get("generated_tokens", 0) for c in counters.values()),
                        "in_flight": admission.in_flight, "prompt_cursor": cursor})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
-    recorder.evaluation("after_rl", evaluate(system, eval_prompts))
-    log.info("held-out greedy accuracy after RL: {:.1%}", recorder.evaluations["after_rl"]["accuracy"])
-    call(async_on_learners(system, "save", str(recorder.run_dir / "checkpoint")))
+    accuracy = recorder.evaluation("after_rl", evaluate(system, eval_prompts))["accuracy"]
+    log.info("held-out greedy accuracy after RL: {:.1%}", accuracy)
+    save(system, recorder.run_dir / "checkpoint", cursor)
 
 
 def main(argv: list[str]) -> int:

@@ -50,9 +50,10 @@ class Recorder:
         self.steps.append(record)
         self._write(record)
 
-    def evaluation(self, name: str, result: dict) -> None:
+    def evaluation(self, name: str, result: dict) -> dict:
         self.evaluations[name] = result
         self._write({"evaluation": name, **result, "wall": time.time()})
+        return result
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")

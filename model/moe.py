@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
 
 
 class PartialRotary(nn.Module):
@@ -43,8 +43,8 @@ class PartialRotary(nn.Module):
 
     def forward(self, x_BTHDh, positions_BT):
         angles_BTR = positions_BT.float()[..., None] * self.inv_freq
-        cos = torch.cat([angles_BTR.cos()] * 2, dim=-1)[:, :, None, :]
-        sin = torch.cat([angles_BTR.sin()] * 2, dim=-1)[:, :, None, :]
+        cos = torch.cat([angles_BTR.cos()] * 2, dim=-1)[:, :, None, :].to(x_BTHDh.dtype)
+        sin = torch.cat([angles_BTR.sin()] * 2, dim=-1)[:, :, None, :].to(x_BTHDh.dtype)
         rot, passthrough = x_BTHDh[..., : self.rot_dim], x_BTHDh[..., self.rot_dim:]
         first, second = rot.chunk(2, dim=-1)
         rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
@@ -242,8 +242,10 @@ class Block(nn.Module):
 
 
 class MTPLayer(nn.Module):
-    """One multi-token-prediction depth: the previous depth's hidden state at t and the
-    embedding of token t + depth go through one more block to predict token t + depth + 1."""
+    """One multi-token-prediction depth: the previous depth's normed output at t and the
+    embedding of token t + depth go through one more block to predict token t + depth + 1.
+    As in BailingMoeV2: inputs concatenated [embedding, hidden], outputs normed before
+    they feed the next depth."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -254,11 +256,11 @@ class MTPLayer(nn.Module):
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, hidden_BTD, next_embeds_BTD):
-        """(hidden_BTD for the next depth, normed_BTD for the shared lm_head)."""
+        """The normed output, for the shared lm_head and the next depth."""
         B, T, _ = hidden_BTD.shape
-        x_BTD = self.eh_proj(torch.cat([self.hidden_norm(hidden_BTD), self.embed_norm(next_embeds_BTD)], -1))
+        x_BTD = self.eh_proj(torch.cat([self.embed_norm(next_embeds_BTD), self.hidden_norm(hidden_BTD)], -1))
         x_BTD, _ = self.block(x_BTD, torch.arange(T).expand(B, T), None, None)
-        return x_BTD, self.final_norm(x_BTD)
+        return self.final_norm(x_BTD)
 
 
 class MoECausalLM(nn.Module):
@@ -323,8 +325,9 @@ class MoECausalLM(nn.Module):
     def mtp_logits(self, hidden_BTD, tokens_BT) -> list:
         """Logits of each MTP depth k (1-based): position t predicts token t + k + 1, t < T - k."""
         logits, T = [], tokens_BT.shape[1]
+        normed_BTD = self.final_norm(hidden_BTD)
         for depth, layer in enumerate(self.mtp, start=1):
-            hidden_BTD, normed_BTD = layer(hidden_BTD[:, : T - depth], self.embed(tokens_BT[:, depth:]))
+            normed_BTD = layer(normed_BTD[:, : T - depth], self.embed(tokens_BT[:, depth:]))
             logits.append(self.lm_head(normed_BTD))
         return logits
 

@@ -44,7 +44,7 @@ def test_short_run_learns(tmp_path):
     assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
     assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
     assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
-    for name in ("learning_curve.png", "checkpoint/learner-0.pt", "config.json"):
+    for name in ("learning_curve.png", "checkpoint/.metadata", "checkpoint/driver.json", "config.json"):
         assert (tmp_path / "e2e" / name).exists(), name
 
 
