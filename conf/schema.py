@@ -132,6 +132,16 @@ class RunConfig:
 
 
 @dataclass
+class PlanConfig:
+    param_bytes: int = _f(2, "bytes per parameter of the trained and the synced weights (bf16: 2)")
+    grad_bytes: int = _f(2, "bytes per gradient element (bf16: 2)")
+    optimizer_bytes_per_param: int = _f(12, "optimizer state per parameter (fp32 master + 2 Adam moments: 12)")
+    expert_parallel: int = _f(0, "EP degree of the FSDP+EP plan (0: gcd(learner.num, model.num_experts))")
+    link_gbps: float = _f(400.0, "bandwidth into one generator replica for weight sync, Gbit/s")
+    bucket_efficiency: float = _f(1.0, "fraction of link_gbps the bucketed broadcast achieves (1.0 until measured)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -142,3 +152,4 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)

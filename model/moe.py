@@ -198,8 +198,8 @@ class MoE(nn.Module):
         token_of_pair = order // K
         counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
         chunks = x_ND.index_select(0, token_of_pair).split(counts)
-        # unbind, not self.gate_proj[e]: its backward stacks all experts' gradients once,
-        # where each indexing op would write a full-size zero gradient per expert
+        # unbind's backward stacks all experts' gradients once; indexing self.gate_proj[e]
+        # instead would write a full-size zero gradient per expert
         experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), chunks)
         outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
                    for gate, up, down, x_MD in experts if x_MD.shape[0]]

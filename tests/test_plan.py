@@ -1,0 +1,99 @@
+"""The plan (run.mode=plan): meta-device parameter counts, shard bytes and the printed report."""
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conf.load import load_config
+from conf.schema import Config, ModelConfig
+from model.moe import MoECausalLM
+from model.plan import active_counts, count_parameters, shard_plans, weight_sync
+from tests.conftest import REPO_ROOT
+
+TINY = dict(vocab_size=20, hidden_size=64, num_layers=3, first_k_dense=1, num_heads=4, num_kv_heads=2,
+            head_dim=16, dense_ffn_size=256, num_experts=8, top_k=2, expert_ffn_size=32, num_shared_experts=1)
+
+
+def tiny_config(**overrides) -> Config:
+    return Config(model=ModelConfig(**{**TINY, **overrides}))
+
+
+def test_ring_1t_counts_are_in_range():
+    cfg = load_config(["model=ring_1t", "run.mode=plan"])
+    counts = count_parameters(cfg)
+    assert 0.99e12 <= sum(counts.values()) <= 1.01e12
+    assert 50e9 <= sum(active_counts(cfg, counts).values()) <= 52e9
+
+
+@pytest.mark.parametrize("mtp_layers", [0, 1])
+def test_meta_count_equals_materialised_model(mtp_layers):
+    cfg = tiny_config(num_mtp_layers=mtp_layers)
+    torch.manual_seed(0)
+    assert sum(count_parameters(cfg).values()) == MoECausalLM(cfg.model).count_parameters()
+
+
+def test_tiny_counts_by_hand():
+    counts = count_parameters(tiny_config())
+    D, V, F_dense, E, F_expert = 64, 20, 256, 8, 32
+    attention = D * 4 * 16 + 2 * D * 2 * 16 + 4 * 16 * D + 2 * 16  # q, k+v, o, q/k norms = 12,320
+    expected = {"embedding": V * D,                       # 1,280
+                "attention": 3 * attention,               # 36,960
+                "dense_ffn": 3 * D * F_dense,             # 1 dense block: 49,152
+                "router": 2 * E * D,                      # 2 MoE blocks: 1,024
+                "routed_experts": 2 * E * 3 * D * F_expert,  # 98,304
+                "shared_experts": 2 * 3 * D * F_expert,   # 12,288
+                "norms": 3 * 2 * D + D,                   # 2 per block + final: 448
+                "lm_head": V * D,                         # 1,280
+                "mtp_layers": 0}
+    assert counts == expected
+    assert sum(counts.values()) == 200_736
+    # active: every count but routed experts, of which top-2 of 8: 98,304 * 2/8 = 24,576
+    assert sum(active_counts(tiny_config(), counts).values()) == 200_736 - 98_304 + 24_576
+
+
+def test_fsdp_bytes_per_rank_are_total_over_ranks():
+    cfg = tiny_config()
+    cfg.learner.num = 4
+    counts = count_parameters(cfg)
+    total = sum(counts.values())
+    fsdp = shard_plans(cfg, counts)["FSDP"]
+    assert fsdp["param_bytes"] == total * cfg.plan.param_bytes / 4
+    assert fsdp["grad_bytes"] == total * cfg.plan.grad_bytes / 4
+    assert fsdp["optimizer_bytes"] == total * cfg.plan.optimizer_bytes_per_param / 4
+
+
+def test_expert_parallel_keeps_whole_experts_per_rank():
+    cfg = tiny_config()
+    cfg.learner.num, cfg.plan.expert_parallel = 4, 2
+    counts = count_parameters(cfg)
+    routed, total = counts["routed_experts"], sum(counts.values())
+    ep = shard_plans(cfg, counts)["FSDP+EP2"]
+    assert ep["params"] == routed / 2 + (total - routed) / 4
+    cfg.plan.expert_parallel = 3
+    with pytest.raises(ValueError, match=r"plan\.expert_parallel \(3\)"):
+        shard_plans(cfg, counts)
+
+
+def test_weight_sync_time_from_link_and_efficiency():
+    cfg = tiny_config()
+    cfg.generator.num, cfg.plan.link_gbps, cfg.plan.bucket_efficiency = 4, 8.0, 0.5
+    sync = weight_sync(cfg, total_params=1_000_000)
+    assert sync["replica_bytes"] == 2_000_000 and sync["total_bytes"] == 8_000_000
+    assert sync["seconds"] == pytest.approx(2_000_000 / (8e9 / 8 * 0.5))
+
+
+def test_plan_mode_prints_totals_without_ray():
+    result = subprocess.run([sys.executable, "run.py", "model=ring_1t", "run.mode=plan", "learner.num=256",
+                             "generator.num=64"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^  total +999\.705B", result.stdout, re.MULTILINE)
+    assert re.search(r"^  active per token +51\.054B", result.stdout, re.MULTILINE)
+    assert "all 64 replicas" in result.stdout
+    assert "Ray" not in result.stdout + result.stderr
+
+
+def test_unknown_run_mode_is_rejected():
+    with pytest.raises(ValueError, match=r"run\.mode \(serve\) must be train or plan"):
+        load_config(["run.mode=serve"])
