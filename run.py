@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,28 +86,46 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
     cursor = start_policy(cfg, system, recorder, log)
     accuracy = recorder.evaluation("after_warmup", evaluate(system, eval_prompts))["accuracy"]
     log.info("held-out greedy accuracy before RL: {:.1%}", accuracy)
-    G = cfg.algo.group_size
-    admission = AdmissionController(cfg.algo.prompts_per_step * G, cfg.algo.max_staleness)
+    G, eta = cfg.algo.group_size, 0 if cfg.algo.mode == "sync" else cfg.algo.max_staleness
+    admission = AdmissionController(cfg.algo.prompts_per_step * G, eta)
+    rl_start = time.monotonic()
+    deadline = rl_start + (cfg.run.time_budget_s or math.inf)
     bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
+        if time.monotonic() > deadline:
+            break
         with recorder.timer("admit"):
             cursor = admit(system, task, admission, G, cursor)
+        if cfg.algo.round_token_budget:
+            with recorder.timer("round"):
+                call({f"generator-{i}": g.wait_round_done.remote(cfg.learner.recv_timeout_s)
+                      for i, g in enumerate(system.generators)})
         with recorder.timer("train"):
             stats = call(async_on_learners(system, "train_step"))["learner-0"]
             admission.consume(stats["consumed"])
         with recorder.timer("weight_sync"):
             sync = call(async_sync_weights(system))
-        if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+        counters = call(async_stats(system))
+        trained = sum(c.get("trained_samples", 0) for c in counters.values())
+        if due_for_evaluation(cfg, step, trained, recorder):
             with recorder.timer("eval"):
                 accuracy = stats["eval_accuracy"] = evaluate(system, eval_prompts)["accuracy"]
-        counters = call(async_stats(system))
         recorder.step({"step": step, **stats, "weight_sync_s": sync["learner-0"]["seconds"],
                        "generated_tokens": sum(c.get("generated_tokens", 0) for c in counters.values()),
-                       "in_flight": admission.in_flight, "prompt_cursor": cursor})
+                       "trained_samples": trained, "in_flight": admission.in_flight, "prompt_cursor": cursor})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
+    recorder.summary["rl_wall_s"] = time.monotonic() - rl_start
     accuracy = recorder.evaluation("after_rl", evaluate(system, eval_prompts))["accuracy"]
     log.info("held-out greedy accuracy after RL: {:.1%}", accuracy)
     save(system, recorder.run_dir / "checkpoint", cursor)
+
+
+def due_for_evaluation(cfg: Config, step: int, trained: int, recorder: Recorder) -> bool:
+    """Every `run.eval_every` steps, and once on reaching `run.eval_at_trained_samples`."""
+    periodic = cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0
+    milestone = cfg.run.eval_at_trained_samples and trained >= cfg.run.eval_at_trained_samples and \
+        not any("eval_accuracy" in r for r in recorder.steps if r["trained_samples"] >= cfg.run.eval_at_trained_samples)
+    return bool(periodic or milestone)
 
 
 def main(argv: list[str]) -> int:

@@ -48,6 +48,15 @@ class Generator:
         self.counters: Counter = Counter()
         self.busy_s = 0.0
         self.subscriber: WeightSubscriber | None = None
+        # decode-thread state: groups being completed, C3PO++ rounds, paused and purged rollouts
+        self.groups: dict[str, list[Rollout]] = defaultdict(list)
+        self.meta: dict[str, dict] = {}
+        self.paused: list[Rollout] = []
+        self.purged: set[str] = set()
+        rounds_on = cfg.algo.mode == "async"
+        self.round_budget = cfg.algo.round_token_budget // cfg.generator.num if rounds_on else 0
+        self.round_open, self.round_tokens = True, 0
+        self.round_done = threading.Event()  # the round's budget is spent, or nothing is left to decode
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
@@ -92,10 +101,18 @@ class Generator:
         return {"correct": sum(rewards), "total": len(prompts), "version": self.engine.version,
                 "examples": examples}
 
+    def wait_round_done(self, timeout_s: float) -> dict:
+        """Block until this round's token budget is spent or there is nothing left to decode."""
+        if not self.round_done.wait(timeout=timeout_s):
+            raise TimeoutError(f"generator-{self.rank} round not done after {timeout_s}s")
+        self._raise_if_failed()
+        return {"round_tokens": self.round_tokens}
+
     def stats(self) -> dict:
         self._raise_if_failed()
         return {**self.counters, "busy_s": self.busy_s, "version": self.engine.version,
-                "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active}
+                "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
+                "paused_now": len(self.paused)}
 
     def stop(self) -> dict:
         self.stopping.set()
@@ -106,23 +123,19 @@ class Generator:
     # -- decode thread -------------------------------------------------------------
     def _run(self, judge_endpoints: list[str]) -> None:
         sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s)
-        groups: dict[str, list[Rollout]] = defaultdict(list)
-        meta: dict[str, dict] = {}
         try:
             while not self.stopping.is_set():
                 with self.applied:
                     self._apply_staged()
-                self._fill_slots(meta)
+                if not self.round_open:
+                    time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
+                    continue
+                self._fill_slots()
                 if not self.engine.num_active:
+                    self.round_done.set()
                     time.sleep(IDLE_WAIT_S)
                     continue
-                start = time.perf_counter()
-                with self.step_lock:
-                    finished = self.engine.step()
-                self.busy_s += time.perf_counter() - start
-                self.counters["generated_tokens"] += self.engine.num_active + len(finished)
-                for rollout in finished:
-                    self._collect(rollout, groups, meta, sender)
+                self._decode_step(sender)
         except BaseException as err:  # reaches the driver through the next method call
             self.failure = err
             self.log.exception("decode thread failed")
@@ -131,32 +144,84 @@ class Generator:
         finally:
             sender.close()
 
-    def _apply_staged(self) -> None:
-        if self.staged is not None:
-            version, tensors = self.staged
-            with self.step_lock:
-                self.engine.load_weights(tensors, version)
-            self.staged = None
-            self.applied.notify_all()
+    def _decode_step(self, sender: TrajectorySender) -> None:
+        start = time.perf_counter()
+        with self.step_lock:
+            finished = self.engine.step()
+        self.busy_s += time.perf_counter() - start
+        emitted = self.engine.num_active + len(finished)
+        self.counters["generated_tokens"] += emitted
+        self.round_tokens += emitted
+        for rollout in finished:
+            self._collect(rollout, sender)
+        if self.round_budget and self.round_tokens >= self.round_budget:
+            self._close_round()
 
-    def _fill_slots(self, meta: dict) -> None:
+    def _close_round(self) -> None:
+        """Pause every unfinished rollout; one cut more than sigma times purges its group."""
+        with self.step_lock:
+            paused = self.engine.pause_all()
+        for rollout in paused:
+            prompt_uid = _prompt_uid(rollout)
+            if prompt_uid in self.purged:
+                continue
+            if rollout.pauses > self.cfg.algo.max_pauses:
+                self._purge(prompt_uid)
+            else:
+                self.paused.append(rollout)
+        self.counters["rounds"] += 1
+        self.counters["paused_rollouts"] += len(paused)
+        self.round_open = False
+        self.round_done.set()
+
+    def _purge(self, prompt_uid: str) -> None:
+        """Drop the whole group: its finished members are discarded, the rest when they surface."""
+        self.purged.add(prompt_uid)
+        self.groups.pop(prompt_uid, None)
+        self.meta.pop(prompt_uid)
+        G = self.cfg.algo.group_size
+        self.counters["generated_samples"] += G
+        self.counters["dropped_purged"] += G
+
+    def _apply_staged(self) -> None:
+        """Load staged weights between decode steps; a new version opens the next round."""
+        if self.staged is None:
+            return
+        version, tensors = self.staged
+        with self.step_lock:
+            self.engine.load_weights(tensors, version)
+            if self.cfg.generator.kv_on_update == "recompute":
+                self.engine.recompute_cache()
+        self.staged = None
+        self.round_open, self.round_tokens = True, 0
+        self.round_done.clear()
+        self.applied.notify_all()
+
+    def _fill_slots(self) -> None:
+        """Resume paused rollouts first, then start whole groups of new prompts."""
+        while self.paused and self.engine.free_slots:
+            rollout = self.paused.pop(0)
+            if _prompt_uid(rollout) not in self.purged:
+                self.engine.add_rollout(rollout)
         G = self.cfg.algo.group_size
         while self.engine.free_slots >= G:
             try:
                 prompt = self.prompts.get_nowait()
             except queue.Empty:
                 return
-            meta[prompt["uid"]] = prompt
+            self.meta[prompt["uid"]] = prompt
             for g in range(G):
                 self.engine.add(f"{prompt['uid']}/{g}", prompt["tokens"])
 
-    def _collect(self, rollout: Rollout, groups, meta, sender: TrajectorySender) -> None:
-        prompt_uid = rollout.uid.rsplit("/", 1)[0]
-        groups[prompt_uid].append(rollout)
-        if len(groups[prompt_uid]) < self.cfg.algo.group_size:
+    def _collect(self, rollout: Rollout, sender: TrajectorySender) -> None:
+        prompt_uid = _prompt_uid(rollout)
+        if prompt_uid in self.purged:
             return
-        prompt = meta.pop(prompt_uid)
-        group = [self._trajectory(r, prompt) for r in sorted(groups.pop(prompt_uid), key=lambda r: r.uid)]
+        self.groups[prompt_uid].append(rollout)
+        if len(self.groups[prompt_uid]) < self.cfg.algo.group_size:
+            return
+        prompt = self.meta.pop(prompt_uid)
+        group = [self._trajectory(r, prompt) for r in sorted(self.groups.pop(prompt_uid), key=lambda r: r.uid)]
         sender.send_group(group)
         self.counters["generated_samples"] += len(group)
 
@@ -177,3 +242,7 @@ class Generator:
     def _raise_if_failed(self) -> None:
         if self.failure is not None:
             raise RuntimeError(f"generator-{self.rank} decode thread failed: {self.failure!r}")
+
+
+def _prompt_uid(rollout: Rollout) -> str:
+    return rollout.uid.rsplit("/", 1)[0]

@@ -28,6 +28,9 @@ from learner.sharding import (all_reduce_sum, full_tensor, gather_stats, init_le
 from learner.trainer import Trainer
 from model.moe import MoECausalLM
 
+DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is left on the way
+ROUND_QUIET_S = 0.2  # end of a C3PO++ round: finished groups still crossing the judges
+
 
 @ray.remote
 class Learner:
@@ -94,8 +97,11 @@ class Learner:
         return {"version": self.trainer.version}
 
     def train_step(self) -> dict:
-        """Wait for this rank's share of the batch, then take one IcePop step with the other ranks."""
-        groups, wait_s = self._next_batch()
+        """Take this rank's batch, then one IcePop step with the other ranks (none if it is empty)."""
+        groups, wait_s = self._round_batch() if self.cfg.algo.round_token_budget else self._next_batch()
+        if not groups:
+            return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "wait_s": wait_s,
+                    "informative_groups": 0, "version": self.trainer.version}
         informative, dropped = select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
         consumed = sum(len(g) for g in groups)
         self.counters["consumed_samples"] += consumed
@@ -128,6 +134,7 @@ class Learner:
         return stats
 
     def _next_batch(self):
+        """This rank's share of prompts_per_step groups; blocks until they are all here."""
         share = self.cfg.algo.prompts_per_step // self.cfg.learner.num
         groups, start = [], time.perf_counter()
         while len(groups) < share:
@@ -137,6 +144,18 @@ class Learner:
                                    f"{self.cfg.learner.recv_timeout_s}s at version {self.trainer.version}")
             groups.append(group)
         return groups, time.perf_counter() - start
+
+    def _round_batch(self):
+        """C3PO++: every group the round finished, i.e. all that arrive until the channel is quiet."""
+        groups, start = [], time.perf_counter()
+        while (group := self.receiver.recv_group(timeout_s=ROUND_QUIET_S)) is not None:
+            groups.append(group)
+        return groups, time.perf_counter() - start
+
+    def _drain(self) -> None:
+        """At the end of a run: count samples still arriving as dropped (`run_end`), until quiet."""
+        while (group := self.receiver.recv_group(timeout_s=DRAIN_QUIET_S)) is not None:
+            self.counters["dropped_run_end"] += len(group)
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
@@ -153,6 +172,8 @@ class Learner:
         return self.trainer.version
 
     def stop(self) -> dict:
+        """Called after generators and judges stopped: what is still on its way is counted, then closed."""
         if self.receiver is not None:
+            self._drain()
             self.receiver.close()
         return self.stats()

@@ -16,6 +16,7 @@ from actors.learner import Learner
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
+STOP_ORDER = ("generator", "judge", "learner")
 
 
 class ActorFailure(RuntimeError):
@@ -111,9 +112,11 @@ def evaluate(system: System, prompts: list[dict]) -> dict:
 
 
 def stop_system(system: System) -> dict:
-    """Stop every actor's threads and collect its final counters, then kill it."""
+    """Stop the actors upstream first (generators, judges, learners) so that every sample
+    still on its way is counted downstream; collect final counters, then kill each actor."""
     final = {}
-    for name, actor in system.named().items():
+    upstream_first = sorted(system.named().items(), key=lambda item: STOP_ORDER.index(item[0].split("-")[0]))
+    for name, actor in upstream_first:
         try:
             final[name] = ray.get(actor.stop.remote(), timeout=STOP_TIMEOUT_S)
         except Exception as err:  # a dead actor still has to be killed; report, go on

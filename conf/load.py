@@ -92,6 +92,13 @@ def validate(cfg: Config) -> None:
     _require(a.group_size >= 2, f"algo.group_size ({a.group_size}) must be at least 2 for group advantages")
     _require(a.prompts_per_step >= 1, f"algo.prompts_per_step ({a.prompts_per_step}) must be at least 1")
     _require(a.max_staleness >= 0, f"algo.max_staleness ({a.max_staleness}) must be >= 0")
+    _require(a.mode in ("sync", "async"), f"algo.mode ({a.mode!r}) must be sync or async")
+    _require(a.round_token_budget >= 0 and a.max_pauses >= 0,
+             f"algo.round_token_budget ({a.round_token_budget}) and algo.max_pauses ({a.max_pauses}) must be >= 0")
+    _require(not a.round_token_budget or cfg.learner.num == 1,
+             f"algo.round_token_budget needs learner.num (={cfg.learner.num}) = 1: a round's batch is not split")
+    _require(cfg.generator.kv_on_update in ("keep", "recompute"),
+             f"generator.kv_on_update ({cfg.generator.kv_on_update!r}) must be keep or recompute")
     _require(0 <= a.icepop.alpha <= a.icepop.beta,
              f"algo.icepop.alpha ({a.icepop.alpha}) must be within 0..algo.icepop.beta ({a.icepop.beta})")
     _require(0 <= a.clip_low < 1, f"algo.clip_low ({a.clip_low}) must be in [0, 1)")

@@ -45,6 +45,7 @@ class ModelConfig:
 class TaskConfig:
     name: str = _f("carry_add", "built-in task: carry_add")
     digits: int = _f(2, "digits per operand")
+    think_per_carry: int = _f(25, "carry_add_longtail: thinking tokens per carry before the answer")
     carry_slip: float = _f(0.7, "warm-up demos drop each carry with this probability (imperfect SFT data)")
     eval_prompts: int = _f(256, "held-out prompts for greedy evaluation")
     seed: int = _f(0, "seed of prompt sampling and the held-out split")
@@ -58,6 +59,7 @@ class GeneratorConfig:
     max_new_tokens: int = _f(16, "completion length limit")
     temperature: float = _f(1.0, "sampling temperature (the learner uses the same)")
     torch_threads: int = _f(1, "torch intra-op threads in each generator")
+    kv_on_update: str = _f("keep", "on an in-flight weight update: keep the KV cache, or recompute it")
 
 
 @dataclass
@@ -90,6 +92,12 @@ class IcePopConfig:
 
 @dataclass
 class AlgoConfig:
+    mode: str = _f("async", "sync: generate a batch, score, train, broadcast, repeat; async: streaming with "
+                   "admission control (max_staleness) and C3PO++ rounds (round_token_budget)")
+    round_token_budget: int = _f(0, "C3PO++ Phi: tokens the generator pool makes per round (one training "
+                                 "step); the round's finished groups form the batch, unfinished rollouts "
+                                 "pause and resume under the next policy (0: batches of prompts_per_step)")
+    max_pauses: int = _f(2, "C3PO++ sigma: a rollout cut more often than this is purged (counted)")
     group_size: int = _f(8, "completions per prompt (G)")
     prompts_per_step: int = _f(32, "prompts per training batch; B = prompts_per_step * group_size")
     max_staleness: int = _f(1, "eta: batches that may be admitted ahead of the learner (0 = on-policy)")
@@ -128,6 +136,8 @@ class RunConfig:
     out_dir: str = _f("runs", "parent folder of run directories")
     name: str = _f("", "run directory name ('' = timestamp)")
     eval_every: int = _f(0, "evaluate every n RL steps (0: only before and after)")
+    eval_at_trained_samples: int = _f(0, "also evaluate once when this many samples have been trained (0: off)")
+    time_budget_s: float = _f(0.0, "stop RL after this many seconds of wall time (0: run.steps only)")
     progress: bool = _f(True, "show a progress bar")
 
 

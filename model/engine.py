@@ -1,11 +1,13 @@
 """A torch generation engine with continuous batching and a slot KV cache.
 
 Each call to `step` emits exactly one token for every running rollout: newly added
-prompts are prefilled together (their first token comes from the prefill), the
+rollouts are prefilled together (their next token comes from the prefill), the
 others take one cached decode step. A finished rollout frees its slot at once, so
 the caller can refill it before the next step. New weights are loaded between
 steps (`load_weights`) without draining: tokens sampled afterwards carry the new
-`version`, the KV cache of running rollouts is kept.
+`version`; the KV cache of running rollouts is kept, or recomputed under the new
+weights with `recompute_cache`. `pause_all` takes every rollout out with its tokens,
+behaviour log-probs and versions; `add_rollout` resumes one (C3PO++ partial rollouts).
 """
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ class Rollout:
     finish_reason: str = ""
     slot: int = -1
     routing: list = field(default_factory=list)  # [positions, L, K] chunks, when recorded
+    pauses: int = 0  # times this rollout was cut at a round's end and resumed later
 
     def routed_experts(self) -> torch.Tensor:
         """[P + C - 1, L, K]: the experts of every position fed through the model."""
@@ -64,12 +67,33 @@ class GenerationEngine:
         return len(self._pending) + len(self._running)
 
     def add(self, uid: str, prompt_tokens: list[int]) -> None:
+        self.add_rollout(Rollout(uid, list(prompt_tokens)))
+
+    def add_rollout(self, rollout: Rollout) -> None:
+        """Start a new rollout, or resume a paused one where it stopped (its KV is rebuilt)."""
         if not self._free:
             raise RuntimeError("no free slot: check free_slots before add")
-        if len(prompt_tokens) + self.max_new_tokens > self.cache.max_len:
-            raise ValueError(f"prompt of {len(prompt_tokens)} tokens + max_new_tokens "
+        if len(rollout.prompt_tokens) + self.max_new_tokens > self.cache.max_len:
+            raise ValueError(f"prompt of {len(rollout.prompt_tokens)} tokens + max_new_tokens "
                              f"({self.max_new_tokens}) exceeds the cache ({self.cache.max_len})")
-        self._pending.append(Rollout(uid, list(prompt_tokens), slot=self._free.pop()))
+        rollout.slot = self._free.pop()
+        self._pending.append(rollout)
+
+    def pause_all(self) -> list[Rollout]:
+        """Take every unfinished rollout out of its slot, keeping what it generated so far."""
+        paused = self._running + self._pending
+        self._free += [r.slot for r in paused]
+        self._running, self._pending = [], []
+        for r in paused:
+            r.slot = -1
+            r.pauses += bool(r.completion_tokens)
+        return paused
+
+    def recompute_cache(self) -> None:
+        """Rebuild the running rollouts' KV under the current weights (at the next step)."""
+        for rollout in self.pause_all():
+            rollout.pauses -= bool(rollout.completion_tokens)  # not a cut, only a refresh
+            self.add_rollout(rollout)
 
     @torch.no_grad()
     def load_weights(self, named_tensors: dict[str, torch.Tensor], version: int) -> None:
@@ -95,17 +119,19 @@ class GenerationEngine:
         return finished
 
     def _prefill(self, rollouts: list[Rollout]) -> list[Rollout]:
-        lengths_B = torch.tensor([len(r.prompt_tokens) for r in rollouts])
+        """Feed each rollout's whole sequence so far (a resumed one has completion tokens too)."""
+        sequences = [r.prompt_tokens + r.completion_tokens for r in rollouts]
+        lengths_B = torch.tensor([len(seq) for seq in sequences])
         tokens_BT = torch.full((len(rollouts), int(lengths_B.max())), self.pad_id, dtype=torch.long)
-        for row, r in enumerate(rollouts):
-            tokens_BT[row, : len(r.prompt_tokens)] = torch.tensor(r.prompt_tokens)
+        for row, seq in enumerate(sequences):
+            tokens_BT[row, : len(seq)] = torch.tensor(seq)
         slots_B = torch.tensor([r.slot for r in rollouts])
         self.cache.lengths[slots_B] = 0
         logits_BTV, routing_BTLK = self.model.forward_routed(tokens_BT, self.cache, slots_B)
         self.cache.lengths[slots_B] = lengths_B
         if self.record_routing:
             for row, r in enumerate(rollouts):
-                r.routing.append(routing_BTLK[row, : len(r.prompt_tokens)])
+                r.routing = [routing_BTLK[row, : len(sequences[row])]]
         last_logits_BV = logits_BTV[torch.arange(len(rollouts)), lengths_B - 1]
         return self._append(rollouts, last_logits_BV)
 

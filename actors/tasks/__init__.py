@@ -13,8 +13,9 @@ class Prompt:
 
 def build_task(cfg: TaskConfig):
     from actors.tasks.carry_add import CarryAddTask
+    from actors.tasks.carry_add_longtail import LongTailCarryAddTask
 
-    tasks = {"carry_add": CarryAddTask}
+    tasks = {"carry_add": CarryAddTask, "carry_add_longtail": LongTailCarryAddTask}
     if cfg.name not in tasks:
         raise ValueError(f"task.name ({cfg.name!r}) must be one of {sorted(tasks)}")
     return tasks[cfg.name](cfg)

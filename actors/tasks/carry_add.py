@@ -40,10 +40,6 @@ class CarryAddTask:
     def max_prompt_len(self) -> int:
         return 2 * self.cfg.digits + 3  # BOS a + b =
 
-    @property
-    def max_answer_len(self) -> int:
-        return self.cfg.digits + 2  # digits of the sum and EOS
-
     def _draw_eval_pairs(self) -> list[tuple[int, int]]:
         rng = random.Random(f"eval-{self.cfg.seed}")
         pairs = set()
@@ -80,9 +76,16 @@ class CarryAddTask:
                 break
         answer = sloppy_sum(a, b, self.cfg.carry_slip, rng)
         prompt = self.tokenizer.encode(self._question(a, b), bos=True)
-        return prompt, self.tokenizer.encode(self._answer(answer), eos=True)
+        return prompt, self.tokenizer.encode(self._demonstrated(a, b, self._answer(answer)), eos=True)
+
+    def _demonstrated(self, a: int, b: int, answer: str) -> str:
+        """The completion text a demonstration shows for `answer`."""
+        return answer
+
+    def _final_answer(self, completion_text: str) -> str:
+        return completion_text
 
     def score(self, completion_tokens, meta: dict) -> float:
         """1.0 when the completion (up to EOS) is exactly the answer, else 0.0."""
         ended = self.tokenizer.eos_id in list(completion_tokens)
-        return float(ended and self.tokenizer.decode(completion_tokens) == meta["answer"])
+        return float(ended and self._final_answer(self.tokenizer.decode(completion_tokens)) == meta["answer"])

@@ -1,0 +1,70 @@
+"""Asynchronous (C3PO++ rounds, eta = 1) against synchronous RL on the long-tail task.
+
+One invocation: a shared warm-up checkpoint, then a synchronous and an asynchronous
+run resumed from it with the same actors and the same wall-time budget. Prints
+completed samples per second, trained tokens per second, generator busy fraction and
+held-out accuracy (at the end, and for async also at the number of samples the
+synchronous run trained), with the async/sync ratios.
+
+Usage: python bench/async_vs_sync.py [--budget-s 150] [--round-tokens 8000] [extra overrides ...]
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TASK = ["task.name=carry_add_longtail", "generator.max_new_tokens=64", "model.max_seq_len=80",
+        "ray.dashboard=false", "run.progress=false"]
+
+
+def run_ringrl(out_dir: Path, name: str, *overrides: str) -> dict:
+    subprocess.run([sys.executable, "run.py", f"run.out_dir={out_dir}", f"run.name={name}", *TASK, *overrides],
+                   cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    summary = json.loads((out_dir / name / "summary.json").read_text())
+    steps = [json.loads(line) for line in (out_dir / name / "metrics.jsonl").read_text().splitlines()]
+    summary["steps_records"] = [s for s in steps if "step" in s]
+    return summary
+
+
+def figures(summary: dict) -> dict:
+    wall = summary["rl_wall_s"]
+    generator = summary["actors"]["generator-0"]
+    learner = summary["actors"]["learner-0"]
+    milestone = [s["eval_accuracy"] for s in summary["steps_records"] if "eval_accuracy" in s]
+    return {"completed samples/s": (generator["generated_samples"] - generator.get("dropped_purged", 0)) / wall,
+            "trained tokens/s": learner.get("trained_tokens", 0) / wall,
+            "generator busy fraction": generator["busy_s"] / wall,
+            "trained samples": learner.get("trained_samples", 0),
+            "accuracy after warm-up": summary["evaluations"]["after_warmup"]["accuracy"],
+            "accuracy at the end": summary["evaluations"]["after_rl"]["accuracy"],
+            "accuracy at sync's trained samples": milestone[0] if milestone else None,
+            "RL wall s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser.add_argument("--round-tokens", type=int, default=8000)
+    parser.add_argument("--warmup-steps", type=int, default=800)
+    args, extra = parser.parse_known_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
+        common = [f"run.resume={out / 'warm' / 'checkpoint'}", f"run.time_budget_s={args.budget_s}",
+                  "run.steps=100000", *extra]
+        sync = figures(run_ringrl(out, "sync", "algo.mode=sync", *common))
+        asyn = figures(run_ringrl(out, "async", "algo.mode=async", "algo.max_staleness=1",
+                                  f"algo.round_token_budget={args.round_tokens}",
+                                  f"run.eval_at_trained_samples={sync['trained samples']}", *common))
+    print(f"{'figure':36} {'sync':>10} {'async':>10} {'async/sync':>11}")
+    for key in sync:
+        s, a = sync[key], asyn[key]
+        ratio = f"{a / s:11.2f}" if isinstance(s, (int, float)) and isinstance(a, (int, float)) and s else ""
+        print(f"{key:36} {s if s is None else round(s, 4):>10} {a if a is None else round(a, 4):>10} {ratio}")
+
+
+if __name__ == "__main__":
+    main()
