@@ -88,7 +88,7 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
     log.info("held-out greedy accuracy before RL: {:.1%}", accuracy)
     G, eta = cfg.algo.group_size, 0 if cfg.algo.mode == "sync" else cfg.algo.max_staleness
     admission = AdmissionController(cfg.algo.prompts_per_step * G, eta)
-    rl_start = time.monotonic()
+    admission_purged, rl_start = 0, time.monotonic()
     deadline = rl_start + (cfg.run.time_budget_s or math.inf)
     bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
@@ -96,9 +96,9 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
             break
         with recorder.timer("admit"):
             cursor = admit(system, task, admission, G, cursor)
-        if cfg.algo.round_token_budget:
-            with recorder.timer("round"):
-                call({f"generator-{i}": g.wait_round_done.remote(cfg.learner.recv_timeout_s)
+        if cfg.algo.round_token_budget and cfg.algo.mode == "async":
+            with recorder.timer("round"):  # this step's batch is what round `step` finished
+                call({f"generator-{i}": g.wait_rounds_closed.remote(step + 1, cfg.learner.recv_timeout_s)
                       for i, g in enumerate(system.generators)})
         with recorder.timer("train"):
             stats = call(async_on_learners(system, "train_step"))["learner-0"]
@@ -107,11 +107,15 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
             sync = call(async_sync_weights(system))
         counters = call(async_stats(system))
         trained = sum(c.get("trained_samples", 0) for c in counters.values())
+        purged = sum(c.get("dropped_purged", 0) for c in counters.values())
+        admission.consume(purged - admission_purged)  # a purged group will never reach the learner
+        admission_purged = purged
         if due_for_evaluation(cfg, step, trained, recorder):
             with recorder.timer("eval"):
                 accuracy = stats["eval_accuracy"] = evaluate(system, eval_prompts)["accuracy"]
         recorder.step({"step": step, **stats, "weight_sync_s": sync["learner-0"]["seconds"],
                        "generated_tokens": sum(c.get("generated_tokens", 0) for c in counters.values()),
+                       "purged": purged,
                        "trained_samples": trained, "in_flight": admission.in_flight, "prompt_cursor": cursor})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
     recorder.summary["rl_wall_s"] = time.monotonic() - rl_start

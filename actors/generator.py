@@ -55,8 +55,10 @@ class Generator:
         self.purged: set[str] = set()
         rounds_on = cfg.algo.mode == "async"
         self.round_budget = cfg.algo.round_token_budget // cfg.generator.num if rounds_on else 0
+        # round r may start while the learner is at most eta versions behind it (C3PO++ with overlap)
         self.round_open, self.round_tokens = True, 0
-        self.round_done = threading.Event()  # the round's budget is spent, or nothing is left to decode
+        self.rounds_closed, self.updates_applied, self.idle = 0, 0, False
+        self.round_progress = threading.Condition()
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
@@ -101,12 +103,15 @@ class Generator:
         return {"correct": sum(rewards), "total": len(prompts), "version": self.engine.version,
                 "examples": examples}
 
-    def wait_round_done(self, timeout_s: float) -> dict:
-        """Block until this round's token budget is spent or there is nothing left to decode."""
-        if not self.round_done.wait(timeout=timeout_s):
-            raise TimeoutError(f"generator-{self.rank} round not done after {timeout_s}s")
+    def wait_rounds_closed(self, rounds: int, timeout_s: float) -> dict:
+        """Block until `rounds` rounds have spent their token budget, or nothing is left to decode."""
+        with self.round_progress:
+            done = self.round_progress.wait_for(
+                lambda: self.rounds_closed >= rounds or self.idle or self.failure is not None, timeout=timeout_s)
         self._raise_if_failed()
-        return {"round_tokens": self.round_tokens}
+        if not done:
+            raise TimeoutError(f"generator-{self.rank} closed {self.rounds_closed}/{rounds} rounds in {timeout_s}s")
+        return {"rounds_closed": self.rounds_closed}
 
     def stats(self) -> dict:
         self._raise_if_failed()
@@ -121,6 +126,8 @@ class Generator:
         return self.stats()
 
     # -- decode thread -------------------------------------------------------------
+    # Rounds (C3PO++, algo.round_token_budget > 0): a round closes once this generator made its
+    # share of the budget; every unfinished rollout is then paused and resumes in a later round.
     def _run(self, judge_endpoints: list[str]) -> None:
         sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s)
         try:
@@ -131,8 +138,8 @@ class Generator:
                     time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
                     continue
                 self._fill_slots()
-                if not self.engine.num_active:
-                    self.round_done.set()
+                self._set_idle(not self.engine.num_active)
+                if self.idle:
                     time.sleep(IDLE_WAIT_S)
                     continue
                 self._decode_step(sender)
@@ -171,8 +178,23 @@ class Generator:
                 self.paused.append(rollout)
         self.counters["rounds"] += 1
         self.counters["paused_rollouts"] += len(paused)
-        self.round_open = False
-        self.round_done.set()
+        with self.round_progress:
+            self.rounds_closed += 1
+            self.round_progress.notify_all()
+        self._open_round_if_allowed()
+
+    def _open_round_if_allowed(self) -> None:
+        """Open the next round unless it would run more than eta versions ahead of the learner."""
+        ahead = self.rounds_closed - max(self.updates_applied - 1, 0)
+        self.round_open = ahead <= self.cfg.algo.max_staleness
+        if self.round_open:
+            self.round_tokens = 0
+
+    def _set_idle(self, idle: bool) -> None:
+        if idle != self.idle:
+            with self.round_progress:
+                self.idle = idle
+                self.round_progress.notify_all()
 
     def _purge(self, prompt_uid: str) -> None:
         """Drop the whole group: its finished members are discarded, the rest when they surface."""
@@ -193,8 +215,9 @@ class Generator:
             if self.cfg.generator.kv_on_update == "recompute":
                 self.engine.recompute_cache()
         self.staged = None
-        self.round_open, self.round_tokens = True, 0
-        self.round_done.clear()
+        self.updates_applied += 1
+        if not self.round_open:
+            self._open_round_if_allowed()
         self.applied.notify_all()
 
     def _fill_slots(self) -> None:

@@ -98,7 +98,8 @@ class Learner:
 
     def train_step(self) -> dict:
         """Take this rank's batch, then one IcePop step with the other ranks (none if it is empty)."""
-        groups, wait_s = self._round_batch() if self.cfg.algo.round_token_budget else self._next_batch()
+        rounds = self.cfg.algo.round_token_budget and self.cfg.algo.mode == "async"
+        groups, wait_s = self._round_batch() if rounds else self._next_batch()
         if not groups:
             return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "wait_s": wait_s,
                     "informative_groups": 0, "version": self.trainer.version}

@@ -28,6 +28,7 @@ class Recorder:
         self.steps: list[dict] = []
         self.evaluations: dict[str, dict] = {}
         self.summary: dict = {"status": "running", "config": asdict(cfg)}
+        self.round_token_budget = cfg.algo.round_token_budget
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     @contextmanager
@@ -47,6 +48,8 @@ class Recorder:
             new_tokens = record["generated_tokens"] - self.steps[-1]["generated_tokens"]
             record["generated_tokens_per_s"] = new_tokens / elapsed
             record["trained_tokens_per_s"] = record.get("trained_tokens", 0) / elapsed
+            if self.round_token_budget:
+                record["round_budget_utilisation"] = new_tokens / self.round_token_budget
         self.steps.append(record)
         self._write(record)
 
@@ -59,14 +62,39 @@ class Recorder:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
 
-    def plot(self) -> Path | None:
+    def plot(self) -> None:
         if not self.steps:
-            return None
+            return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        self._plot_learning_curve(plt)
+        self._plot_staleness(plt)
+
+    def _plot_staleness(self, plt) -> None:
+        """Share of trained tokens per policy lag, and IcePop's masked fraction per lag, by step."""
+        lags = sorted({int(lag) for r in self.steps for lag in r.get("lag_histogram", {})})
+        if not lags:
+            return
+        fig, (share_ax, masked_ax) = plt.subplots(1, 2, figsize=(11, 4))
+        steps = [r["step"] for r in self.steps]
+        for lag in lags:
+            histograms = [r.get("lag_histogram", {}) for r in self.steps]
+            shares = [h.get(lag, 0) / max(1, sum(h.values())) for h in histograms]
+            share_ax.plot(steps, shares, label=f"lag {lag}")
+            masked_ax.plot(steps, [r.get(f"lag/{lag}/masked_frac", float("nan")) for r in self.steps],
+                           label=f"lag {lag}")
+        share_ax.set(xlabel="RL step", ylabel="share of trained tokens", title="policy lag")
+        masked_ax.set(xlabel="RL step", ylabel="fraction masked by IcePop", title="masked by lag")
+        share_ax.legend(fontsize=8)
+        masked_ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.run_dir / "staleness.png", dpi=100)
+        plt.close(fig)
+
+    def _plot_learning_curve(self, plt) -> None:
         fig, ax = plt.subplots(figsize=(7, 4))
         steps = [r["step"] for r in self.steps]
         ax.plot(steps, [r["reward"] for r in self.steps], alpha=0.4, label="train reward (sampled)")
@@ -80,10 +108,8 @@ class Recorder:
         ax.set(xlabel="RL step", ylabel="reward / accuracy", ylim=(0, 1), title=self.run_dir.name)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        path = self.run_dir / "learning_curve.png"
-        fig.savefig(path, dpi=100)
+        fig.savefig(self.run_dir / "learning_curve.png", dpi=100)
         plt.close(fig)
-        return path
 
     def finish(self, status: str, extra: dict) -> Path:
         self.summary.update(status=status, steps=len(self.steps), evaluations=self.evaluations, **extra)

@@ -62,8 +62,12 @@ def main() -> None:
     print(f"{'figure':36} {'sync':>10} {'async':>10} {'async/sync':>11}")
     for key in sync:
         s, a = sync[key], asyn[key]
-        ratio = f"{a / s:11.2f}" if isinstance(s, (int, float)) and isinstance(a, (int, float)) and s else ""
-        print(f"{key:36} {s if s is None else round(s, 4):>10} {a if a is None else round(a, 4):>10} {ratio}")
+        ratio = f"{a / s:11.2f}" if s and a is not None else ""
+        print(f"{key:36} {_cell(s)} {_cell(a)} {ratio}")
+
+
+def _cell(value) -> str:
+    return f"{'-':>10}" if value is None else f"{value:10.4g}"
 
 
 if __name__ == "__main__":

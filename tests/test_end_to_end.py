@@ -39,6 +39,7 @@ def test_short_run_learns(tmp_path):
     assert last > first + 0.1, (first, last)
     evals = summary["evaluations"]
     assert evals["after_rl"]["accuracy"] > evals["after_warmup"]["accuracy"]
+    assert_every_sample_accounted_for(summary)
     learner = summary["actors"]["learner-0"]
     assert learner["version"] == 40
     assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
@@ -48,13 +49,33 @@ def test_short_run_learns(tmp_path):
         assert (tmp_path / "e2e" / name).exists(), name
 
 
-def test_synchronous_mode_has_zero_lag(tmp_path):
-    proc = run_ringrl(tmp_path, "algo.max_staleness=0", "learner.warmup_steps=100", "run.steps=8")
+def assert_every_sample_accounted_for(summary: dict) -> None:
+    samples = summary["samples"]
+    assert samples["in_flight_at_end"] == 0, samples
+    assert samples["generated"] == samples["trained"] + sum(samples["dropped"].values()), samples
+
+
+@pytest.mark.parametrize("mode", ["algo.max_staleness=0", "algo.mode=sync"])
+def test_synchronous_mode_has_zero_lag(tmp_path, mode):
+    proc = run_ringrl(tmp_path, mode, "learner.warmup_steps=100", "run.steps=8")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
-    _, steps = read_run(tmp_path)
+    summary, steps = read_run(tmp_path)
     lags = {int(lag) for r in steps for lag in r.get("lag_histogram", {})}
     assert lags == {0}
+    assert_every_sample_accounted_for(summary)
+
+
+def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path):
+    proc = run_ringrl(tmp_path, "algo.round_token_budget=600", "algo.max_pauses=0", "learner.warmup_steps=20",
+                      "run.steps=6")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    summary, steps = read_run(tmp_path)
+    generator = summary["actors"]["generator-0"]
+    assert generator["rounds"] >= 6 and generator["paused_rollouts"] > 0
+    assert summary["samples"]["dropped"]["purged"] == generator["dropped_purged"] > 0
+    assert_every_sample_accounted_for(summary)
 
 
 def _free_port() -> int:
