@@ -96,12 +96,13 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
             break
         with recorder.timer("admit"):
             cursor = admit(system, task, admission, G, cursor)
+        until_groups = None
         if cfg.algo.round_token_budget and cfg.algo.mode == "async":
             with recorder.timer("round"):  # this step's batch is what round `step` finished
-                call({f"generator-{i}": g.wait_rounds_closed.remote(step + 1, cfg.learner.recv_timeout_s)
-                      for i, g in enumerate(system.generators)})
+                until_groups = sum(call({f"generator-{i}": g.wait_rounds_closed.remote(
+                    step + 1, cfg.learner.recv_timeout_s) for i, g in enumerate(system.generators)}).values())
         with recorder.timer("train"):
-            stats = call(async_on_learners(system, "train_step"))["learner-0"]
+            stats = call(async_on_learners(system, "train_step", until_groups))["learner-0"]
             admission.consume(stats["consumed"])
         with recorder.timer("weight_sync"):
             sync = call(async_sync_weights(system))

@@ -58,6 +58,7 @@ class Generator:
         # round r may start while the learner is at most eta versions behind it (C3PO++ with overlap)
         self.round_open, self.round_tokens = True, 0
         self.rounds_closed, self.updates_applied, self.idle = 0, 0, False
+        self.groups_sent, self.groups_sent_at_close = 0, []  # a round's batch: groups sent before it closed
         self.round_progress = threading.Condition()
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
@@ -103,15 +104,18 @@ class Generator:
         return {"correct": sum(rewards), "total": len(prompts), "version": self.engine.version,
                 "examples": examples}
 
-    def wait_rounds_closed(self, rounds: int, timeout_s: float) -> dict:
-        """Block until `rounds` rounds have spent their token budget, or nothing is left to decode."""
+    def wait_rounds_closed(self, rounds: int, timeout_s: float) -> int:
+        """Block until `rounds` rounds have spent their token budget, or nothing is left to decode.
+
+        Returns how many groups this generator had sent when round `rounds` closed (or now, if idle).
+        """
         with self.round_progress:
             done = self.round_progress.wait_for(
                 lambda: self.rounds_closed >= rounds or self.idle or self.failure is not None, timeout=timeout_s)
-        self._raise_if_failed()
-        if not done:
-            raise TimeoutError(f"generator-{self.rank} closed {self.rounds_closed}/{rounds} rounds in {timeout_s}s")
-        return {"rounds_closed": self.rounds_closed}
+            self._raise_if_failed()
+            if not done:
+                raise TimeoutError(f"generator-{self.rank} closed {self.rounds_closed}/{rounds} rounds in {timeout_s}s")
+            return self.groups_sent_at_close[rounds - 1] if self.rounds_closed >= rounds else self.groups_sent
 
     def stats(self) -> dict:
         self._raise_if_failed()
@@ -180,6 +184,7 @@ class Generator:
         self.counters["paused_rollouts"] += len(paused)
         with self.round_progress:
             self.rounds_closed += 1
+            self.groups_sent_at_close.append(self.groups_sent)
             self.round_progress.notify_all()
         self._open_round_if_allowed()
 
@@ -247,6 +252,7 @@ class Generator:
         group = [self._trajectory(r, prompt) for r in sorted(self.groups.pop(prompt_uid), key=lambda r: r.uid)]
         sender.send_group(group)
         self.counters["generated_samples"] += len(group)
+        self.groups_sent += 1
 
     def _trajectory(self, rollout: Rollout, prompt: dict) -> Trajectory:
         routed = None

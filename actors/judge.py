@@ -1,19 +1,23 @@
 """Judge actor: scores each trajectory of a group and forwards the group to the learner.
 
-A scoring thread owns both ZeroMQ sockets: it pulls groups from the generators,
-scores every trajectory with a per-sample timeout (a timeout scores 0 and is
-counted under `judge_timeout`), and pushes the scored group on. Malformed
-messages are dropped and counted by the receiving channel.
+A scoring thread owns both ZeroMQ sockets: it pulls groups from the generators, judges every
+trajectory, and pushes the scored group on. Malformed messages are dropped and counted by the
+receiving channel.
+
+Judging never blocks training for long: each sample gets `judge.timeout_s`. Scoring that can
+hang runs in a process the task kills when that time is up (math: a comparison worker; code:
+the sandboxed program), so a timed-out sample scores 0 with reason `judge_timeout` and the
+judge moves on, no thread left stuck. Every reason (correct, wrong_answer, judge_timeout, the
+sandbox verdicts, ...) is counted in the actor's stats, next to the judging rate: samples per
+second of scoring time, the capacity that `judge.num` scales.
 """
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 
 import ray
 
-from actors.tasks import build_task
+from actors.tasks import build_task, judge_completion
 from comm.channel import TrajectoryReceiver, TrajectorySender
 from comm.logs import setup_logging
 from comm.wire import Trajectory
@@ -26,10 +30,11 @@ POLL_S = 0.1
 class Judge:
     def __init__(self, cfg: Config, rank: int):
         self.cfg, self.rank = cfg, rank
+        self.name = f"judge-{rank}"
         self.log = setup_logging("judge", rank)
         self.task = build_task(cfg.task)
-        self.scorers = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"judge-{rank}-score")
         self.counters: Counter = Counter()
+        self.scoring_s = 0.0
         self.stopping = threading.Event()
         self.endpoint_ready = threading.Event()
         self.endpoint = ""
@@ -40,15 +45,18 @@ class Judge:
     def start(self, learner_endpoints: list[str]) -> str:
         """Bind the inbound channel in the scoring thread; returns its endpoint."""
         self.thread = threading.Thread(target=self._run, args=(learner_endpoints,), daemon=True,
-                                       name=f"judge-{self.rank}")
+                                       name=self.name)
         self.thread.start()
         self.endpoint_ready.wait(timeout=30)
         self._raise_if_failed()
         return self.endpoint
 
     def stats(self) -> dict:
+        """Counters by reason, drops, and the judging rate (samples per second of scoring)."""
         self._raise_if_failed()
-        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}}
+        judged = self.counters["judged_samples"]
+        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()},
+                "scoring_s": self.scoring_s, "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
 
     def stop(self) -> dict:
         self.stopping.set()
@@ -78,17 +86,17 @@ class Judge:
     def _score_group(self, group: list[Trajectory]) -> list[Trajectory]:
         for trajectory in group:
             start = time.perf_counter()
-            future = self.scorers.submit(self.task.score, trajectory.completion_tokens, trajectory.task_meta)
-            try:
-                trajectory.reward, reason = future.result(timeout=self.cfg.judge.timeout_s), "ok"
-            except FutureTimeout:
-                trajectory.reward, reason = 0.0, "judge_timeout"
-            self.counters[reason] += 1
-            trajectory.judge = {"reason": reason, "judge": f"judge-{self.rank}"}
-            trajectory.timings = {**trajectory.timings, "judge_s": time.perf_counter() - start}
+            judgment = judge_completion(self.task, trajectory.completion_tokens, trajectory.task_meta,
+                                        self.cfg.judge.timeout_s)
+            seconds = time.perf_counter() - start
+            self.scoring_s += seconds
+            self.counters[judgment.reason] += 1
+            trajectory.reward = judgment.reward
+            trajectory.judge = {"reason": judgment.reason, "judge": self.name, "detail": judgment.detail}
+            trajectory.timings = {**trajectory.timings, "judge_s": seconds}
         self.counters["judged_samples"] += len(group)
         return group
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:
-            raise RuntimeError(f"judge-{self.rank} scoring thread failed: {self.failure!r}")
+            raise RuntimeError(f"{self.name} scoring thread failed: {self.failure!r}")

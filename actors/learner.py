@@ -29,7 +29,6 @@ from learner.trainer import Trainer
 from model.moe import MoECausalLM
 
 DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is left on the way
-ROUND_QUIET_S = 0.2  # end of a C3PO++ round: finished groups still crossing the judges
 
 
 @ray.remote
@@ -45,6 +44,7 @@ class Learner:
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
         self.publisher: WeightPublisher | None = None
+        self.groups_consumed = 0  # C3PO++ rounds: groups taken since the start
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
     def address(self) -> tuple[str, int]:
@@ -96,10 +96,13 @@ class Learner:
             fetch(plan.bucket_names(index))  # the all-gathers rank 0 is doing for this bucket
         return {"version": self.trainer.version}
 
-    def train_step(self) -> dict:
-        """Take this rank's batch, then one IcePop step with the other ranks (none if it is empty)."""
-        rounds = self.cfg.algo.round_token_budget and self.cfg.algo.mode == "async"
-        groups, wait_s = self._round_batch() if rounds else self._next_batch()
+    def train_step(self, until_groups: int | None = None) -> dict:
+        """Take this rank's batch, then one IcePop step with the other ranks (none if it is empty).
+
+        The batch is prompts_per_step groups, or with C3PO++ rounds every group up to the
+        `until_groups`-th since the start: what the generators had sent when the round closed.
+        """
+        groups, wait_s = self._next_batch() if until_groups is None else self._round_batch(until_groups)
         if not groups:
             return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "wait_s": wait_s,
                     "informative_groups": 0, "version": self.trainer.version}
@@ -146,11 +149,15 @@ class Learner:
             groups.append(group)
         return groups, time.perf_counter() - start
 
-    def _round_batch(self):
-        """C3PO++: every group the round finished, i.e. all that arrive until the channel is quiet."""
+    def _round_batch(self, until_groups: int):
         groups, start = [], time.perf_counter()
-        while (group := self.receiver.recv_group(timeout_s=ROUND_QUIET_S)) is not None:
+        while self.groups_consumed + len(groups) < until_groups:
+            group = self.receiver.recv_group(timeout_s=self.cfg.learner.recv_timeout_s)
+            if group is None:
+                raise TimeoutError(f"learner-{self.rank} got {self.groups_consumed + len(groups)}/{until_groups} "
+                                   f"groups of the round in {self.cfg.learner.recv_timeout_s}s")
             groups.append(group)
+        self.groups_consumed += len(groups)
         return groups, time.perf_counter() - start
 
     def _drain(self) -> None:

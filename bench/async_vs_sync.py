@@ -6,7 +6,8 @@ completed samples per second, trained tokens per second, generator busy fraction
 held-out accuracy (at the end, and for async also at the number of samples the
 synchronous run trained), with the async/sync ratios.
 
-Usage: python bench/async_vs_sync.py [--budget-s 150] [--round-tokens 8000] [extra overrides ...]
+Usage: python bench/async_vs_sync.py [--budget-s 150] [--round-tokens 8000] [--out DIR] [extra overrides ...]
+(--round-tokens 0: plain streaming async, batches of prompts_per_step groups.)
 """
 import argparse
 import json
@@ -49,10 +50,12 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=150.0)
     parser.add_argument("--round-tokens", type=int, default=8000)
     parser.add_argument("--warmup-steps", type=int, default=800)
+    parser.add_argument("--out", default="", help="keep the runs here; a warm-up already there is reused")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
+        out = Path(args.out or tmp)
+        if not (out / "warm" / "checkpoint" / "driver.json").exists():
+            run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
         common = [f"run.resume={out / 'warm' / 'checkpoint'}", f"run.time_budget_s={args.budget_s}",
                   "run.steps=100000", *extra]
         sync = figures(run_ringrl(out, "sync", "algo.mode=sync", *common))

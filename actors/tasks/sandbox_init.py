@@ -24,10 +24,12 @@ after the fork; then either {"setup_error": message} or, when the candidate ende
 """
 import ctypes
 import json
+import math
 import os
 import platform
 import resource
 import shutil
+import signal
 import struct
 import sys
 
@@ -36,7 +38,8 @@ SETUP_FAILED = 125
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+SIGKILL = 9
 SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64")
 DEVICES = ("null", "zero", "random", "urandom")
 
@@ -105,14 +108,13 @@ def refuse_sockets() -> None:
     nr_io_uring_setup, af_unix, eacces = 425, 1, 13
     kill, allow, refuse = 0x80000000, 0x7FFF0000, 0x00050000 | eacces
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
-    program = [
+    program = [  # (code, jump if true, jump if false, k); jumps count from the next instruction
         (ld, 0, 0, 4), (jeq, 1, 0, arch), (ret, 0, 0, kill),         # seccomp_data.arch
         (ld, 0, 0, 0), (jge, 0, 1, 0x40000000), (ret, 0, 0, kill),   # seccomp_data.nr; x32 ABI
-        (jeq, 4, 0, nr_io_uring_setup), (jeq, 0, 2, nr_socket),
+        (jeq, 3, 0, nr_io_uring_setup), (jeq, 0, 3, nr_socket),
         (ld, 0, 0, 16), (jeq, 1, 0, af_unix),                          # args[0]: the address family
         (ret, 0, 0, refuse), (ret, 0, 0, allow),
     ]
-    program[6] = (jeq, 3, 0, nr_io_uring_setup)  # jump to `refuse`, counted from the next instruction
     filters = b"".join(struct.pack("HBBI", *instruction) for instruction in program)
     buffer = ctypes.create_string_buffer(filters)
     fprog = struct.pack("HL", len(program), ctypes.addressof(buffer))
@@ -129,6 +131,8 @@ def drop_privileges(config: dict, uid: int) -> None:
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
+    # after setuid, which clears it: the candidate dies with the launcher, however the launcher ends
+    _check(_libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "pdeathsig")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     if not config["namespaces"]:
         refuse_sockets()
@@ -141,9 +145,8 @@ def become_candidate(config: dict, uid: int, status_fd: int) -> None:
         build_root(config, uid)
         program = "/tmp/solution.py"
     else:
-        work = config["work"]
-        os.chown(work, uid, uid)
-        os.chdir(work)
+        os.chown(config["work"], uid, uid)
+        os.chdir(config["work"])
         program = config["program"]
     drop_privileges(config, uid)
     environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp" if config["namespaces"] else config["work"],
@@ -157,6 +160,9 @@ def report(status_fd: int, message: dict) -> None:
 
 def launch(config: dict) -> int:
     status_fd = config["status_fd"]
+    # backstops should the judge die: the launcher goes with it, or at the latest after the wall limit
+    _check(_libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "pdeathsig")
+    signal.alarm(math.ceil(config["limits"]["wall_s"]) + 1)
     if config["namespaces"]:
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET), "unshare")
     uid = UID_BASE + os.getpid()
@@ -169,7 +175,7 @@ def launch(config: dict) -> int:
         os._exit(SETUP_FAILED)
     report(status_fd, {"pid": pid})
     _, status, usage = os.wait4(pid, 0)
-    report(status_fd, {"exit_code": os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else None,
+    report(status_fd, {"exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                        "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_kb": usage.ru_maxrss})
     return 0
@@ -184,7 +190,7 @@ def kill_uid(uid: int) -> int:
     """Kill every process of `uid` (runs without a pid namespace can leave their group)."""
     os.setgid(uid)
     os.setuid(uid)
-    os.kill(-1, 9)  # as `uid`: every process of that uid, except this one
+    os.kill(-1, SIGKILL)  # as `uid`: every process of that uid, except this one
     return 0
 
 
