@@ -88,7 +88,7 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
     log.info("held-out greedy accuracy before RL: {:.1%}", accuracy)
     G, eta = cfg.algo.group_size, 0 if cfg.algo.mode == "sync" else cfg.algo.max_staleness
     admission = AdmissionController(cfg.algo.prompts_per_step * G, eta)
-    admission_purged, rl_start = 0, time.monotonic()
+    purged, rl_start = 0, time.monotonic()
     deadline = rl_start + (cfg.run.time_budget_s or math.inf)
     bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
@@ -96,33 +96,42 @@ def train(cfg: Config, system, recorder: Recorder, log) -> None:
             break
         with recorder.timer("admit"):
             cursor = admit(system, task, admission, G, cursor)
-        until_groups = None
-        if cfg.algo.round_token_budget and cfg.algo.mode == "async":
-            with recorder.timer("round"):  # this step's batch is what round `step` finished
-                until_groups = sum(call({f"generator-{i}": g.wait_rounds_closed.remote(
-                    step + 1, cfg.learner.recv_timeout_s) for i, g in enumerate(system.generators)}).values())
+        with recorder.timer("round"):
+            until_groups = round_batch_end(cfg, system, step)
         with recorder.timer("train"):
             stats = call(async_on_learners(system, "train_step", until_groups))["learner-0"]
             admission.consume(stats["consumed"])
         with recorder.timer("weight_sync"):
             sync = call(async_sync_weights(system))
-        counters = call(async_stats(system))
-        trained = sum(c.get("trained_samples", 0) for c in counters.values())
-        purged = sum(c.get("dropped_purged", 0) for c in counters.values())
-        admission.consume(purged - admission_purged)  # a purged group will never reach the learner
-        admission_purged = purged
-        if due_for_evaluation(cfg, step, trained, recorder):
+        totals = pool_totals(call(async_stats(system)))
+        admission.consume(totals["purged"] - purged)  # a purged group will never reach the learner
+        purged = totals["purged"]
+        if due_for_evaluation(cfg, step, totals["trained_samples"], recorder):
             with recorder.timer("eval"):
                 accuracy = stats["eval_accuracy"] = evaluate(system, eval_prompts)["accuracy"]
-        recorder.step({"step": step, **stats, "weight_sync_s": sync["learner-0"]["seconds"],
-                       "generated_tokens": sum(c.get("generated_tokens", 0) for c in counters.values()),
-                       "purged": purged,
-                       "trained_samples": trained, "in_flight": admission.in_flight, "prompt_cursor": cursor})
+        recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
+                       "in_flight": admission.in_flight, "prompt_cursor": cursor})
         bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
     recorder.summary["rl_wall_s"] = time.monotonic() - rl_start
     accuracy = recorder.evaluation("after_rl", evaluate(system, eval_prompts))["accuracy"]
     log.info("held-out greedy accuracy after RL: {:.1%}", accuracy)
     save(system, recorder.run_dir / "checkpoint", cursor)
+
+
+def round_batch_end(cfg: Config, system, step: int) -> int | None:
+    """C3PO++: wait for round `step` to close; the batch ends with the groups sent by then."""
+    if not (cfg.algo.round_token_budget and cfg.algo.mode == "async"):
+        return None
+    return sum(call({f"generator-{i}": g.wait_rounds_closed.remote(step + 1, cfg.learner.recv_timeout_s)
+                     for i, g in enumerate(system.generators)}).values())
+
+
+def pool_totals(counters: dict) -> dict:
+    """Counters summed over the actors: tokens generated, samples trained, samples purged."""
+    def total(key: str) -> int:
+        return sum(c.get(key, 0) for c in counters.values())
+    return {"generated_tokens": total("generated_tokens"), "trained_samples": total("trained_samples"),
+            "purged": total("dropped_purged")}
 
 
 def due_for_evaluation(cfg: Config, step: int, trained: int, recorder: Recorder) -> bool:
