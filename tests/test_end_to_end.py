@@ -29,7 +29,7 @@ def read_run(tmp_path: Path) -> tuple[dict, list[dict]]:
 
 
 def test_short_run_learns(tmp_path):
-    proc = run_ringrl(tmp_path, "learner.warmup_steps=600", "run.steps=40")
+    proc = run_ringrl(tmp_path, "learner.warmup_steps=700", "run.steps=40")
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     summary, steps = read_run(tmp_path)
