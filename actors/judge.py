@@ -10,6 +10,9 @@ the sandboxed program), so a timed-out sample scores 0 with reason `judge_timeou
 judge moves on, no thread left stuck. Every reason (correct, wrong_answer, judge_timeout, the
 sandbox verdicts, ...) is counted in the actor's stats, next to the judging rate: samples per
 second of scoring time, the capacity that `judge.num` scales.
+
+At stop, the group being scored is abandoned (after its current sample) and the groups still
+queued are drained; both are counted as `dropped_run_end`, so every sample is accounted for.
 """
 import threading
 import time
@@ -24,6 +27,7 @@ from comm.wire import Trajectory
 from conf.schema import Config
 
 POLL_S = 0.1
+DRAIN_QUIET_S = 1.0  # at stop: a second without arrivals means nothing is left on the way (as the learner)
 
 
 @ray.remote
@@ -56,12 +60,13 @@ class Judge:
         self._raise_if_failed()
         judged = self.counters["judged_samples"]
         return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()},
-                "scoring_s": self.scoring_s, "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
+                "judged_samples": judged, "scoring_s": self.scoring_s,
+                "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
 
     def stop(self) -> dict:
         self.stopping.set()
         if self.thread is not None:
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=self.cfg.judge.timeout_s + 10)  # the sample being scored, then the drain
         return self.stats()
 
     # -- scoring thread ------------------------------------------------------------
@@ -74,8 +79,10 @@ class Judge:
             while not self.stopping.is_set():
                 group = receiver.recv_group(timeout_s=POLL_S)
                 self.receiver_drops = receiver.dropped
-                if group is not None:
-                    sender.send_group(self._score_group(group))
+                if group is not None and self._score_group(group):
+                    sender.send_group(group)
+            while (group := receiver.recv_group(timeout_s=DRAIN_QUIET_S)) is not None:
+                self.counters["dropped_run_end"] += len(group)
         except BaseException as err:
             self.failure = err
             self.log.exception("scoring thread failed")
@@ -83,19 +90,23 @@ class Judge:
             receiver.close()
             sender.close()
 
-    def _score_group(self, group: list[Trajectory]) -> list[Trajectory]:
+    def _score_group(self, group: list[Trajectory]) -> bool:
+        """Score every trajectory in place; False if the judge is stopping (the group is dropped)."""
         for trajectory in group:
+            if self.stopping.is_set():
+                self.counters["dropped_run_end"] += len(group)
+                return False
             start = time.perf_counter()
             judgment = judge_completion(self.task, trajectory.completion_tokens, trajectory.task_meta,
                                         self.cfg.judge.timeout_s)
             seconds = time.perf_counter() - start
             self.scoring_s += seconds
             self.counters[judgment.reason] += 1
+            self.counters["judged_samples"] += 1
             trajectory.reward = judgment.reward
             trajectory.judge = {"reason": judgment.reason, "judge": self.name, "detail": judgment.detail}
             trajectory.timings = {**trajectory.timings, "judge_s": seconds}
-        self.counters["judged_samples"] += len(group)
-        return group
+        return True
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

@@ -47,6 +47,8 @@ def resolve(cfg: Config) -> None:
     """Fill values that follow from others (the vocabulary from the task's tokenizer)."""
     from actors.tasks import build_task
 
+    if cfg.task.dataset:  # actors may run in another working directory (Ray's working_dir)
+        cfg.task.dataset = os.path.abspath(cfg.task.dataset)
     try:
         task = build_task(cfg.task)
     except ValueError as err:
@@ -110,5 +112,18 @@ def validate(cfg: Config) -> None:
     _require(cfg.generator.max_slots >= a.group_size,
              f"generator.max_slots ({cfg.generator.max_slots}) must hold one group (algo.group_size {a.group_size})")
     _require(cfg.judge.timeout_s > 0, f"judge.timeout_s ({cfg.judge.timeout_s}) must be > 0")
+    _validate_task(cfg)
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
+
+
+def _validate_task(cfg: Config) -> None:
+    """Rules of the math and code judges: rewards within 0..1, sandbox limits that let Python start."""
+    t, box = cfg.task, cfg.task.sandbox
+    _require(0 <= t.format_reward < 1, f"task.format_reward ({t.format_reward}) must be in [0, 1)")
+    _require(box.cpu_s >= 1, f"task.sandbox.cpu_s ({box.cpu_s}) must be at least 1 (RLIMIT_CPU counts whole seconds)")
+    _require(box.wall_s > 0, f"task.sandbox.wall_s ({box.wall_s}) must be > 0")
+    _require(box.memory_mb >= 64, f"task.sandbox.memory_mb ({box.memory_mb}) must be at least 64 for Python to start")
+    _require(box.max_procs >= 1, f"task.sandbox.max_procs ({box.max_procs}) must be at least 1")
+    _require(box.output_kb >= 1 and box.disk_mb >= 1,
+             f"task.sandbox.output_kb ({box.output_kb}) and disk_mb ({box.disk_mb}) must be at least 1")

@@ -42,13 +42,29 @@ class ModelConfig:
 
 
 @dataclass
+class SandboxConfig:
+    cpu_s: int = _f(2, "CPU seconds per program run (RLIMIT_CPU)")
+    wall_s: float = _f(4.0, "wall-clock seconds per program run; then the whole process tree is killed")
+    memory_mb: int = _f(512, "address space of each candidate process (RLIMIT_AS)")
+    max_procs: int = _f(16, "processes a candidate may run at once (RLIMIT_NPROC of the run's own uid)")
+    output_kb: int = _f(64, "stdout + stderr captured per run; more ends the run as output_limit")
+    disk_mb: int = _f(16, "size of the candidate's writable /tmp (a tmpfs); also the largest file it may write")
+
+
+@dataclass
 class TaskConfig:
-    name: str = _f("carry_add", "built-in task: carry_add")
+    name: str = _f("carry_add", "task: carry_add | carry_add_longtail (built in) | math | code (JSONL datasets; "
+                                "select with task=math / task=code, see conf/task/)")
     digits: int = _f(2, "digits per operand")
     think_per_carry: int = _f(25, "carry_add_longtail: thinking tokens per carry before the answer")
     carry_slip: float = _f(0.7, "warm-up demos drop each carry with this probability (imperfect SFT data)")
     eval_prompts: int = _f(256, "held-out prompts for greedy evaluation")
     seed: int = _f(0, "seed of prompt sampling and the held-out split")
+    dataset: str = _f("", "math/code: folder with train.jsonl, eval.jsonl, tokenizer.json ('' = the shipped set)")
+    format_reward: float = _f(0.0, "math/code: reward of a wrong but well-formed completion (math: a final "
+                                   "answer was found; code: the program ran); 0 turns it off")
+    partial_credit: bool = _f(False, "code: reward the fraction of tests passed instead of 1 only if all pass")
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -66,7 +82,8 @@ class GeneratorConfig:
 class JudgeConfig:
     num: int = _f(1, "judge actors")
     num_cpus: float = _f(0.25, "CPUs reserved per judge actor")
-    timeout_s: float = _f(5.0, "per-sample scoring timeout; a timeout scores 0 and is counted")
+    timeout_s: float = _f(5.0, "per-sample scoring timeout: the scorer is killed, the sample scores 0 "
+                               "and judge_timeout is counted")
 
 
 @dataclass

@@ -7,9 +7,10 @@ matches when the lines agree after trailing whitespace is dropped.
 
 Reward (Ring-lite's rule): 1 only if every test passes; with `task.partial_credit` the
 fraction of tests passed. A program that ran but failed (for a reason other than a syntax
-error or the judge timeout) gets `task.format_reward` if that is higher. The reason is "correct", or how the first failing test
-ended: wrong_answer, a sandbox verdict (runtime_error, syntax_error, time_limit, memory_limit,
-process_limit, output_limit), or judge_timeout once the per-sample timeout cuts a run short.
+error or the judge timeout) gets `task.format_reward` if that is higher. The reason is
+"correct", or how the first failing test ended: wrong_answer, a sandbox verdict (runtime_error,
+syntax_error, time_limit, memory_limit, process_limit, output_limit), or judge_timeout once
+the per-sample timeout cuts a run short.
 """
 import json
 import time

@@ -26,12 +26,16 @@ def dataset_folder(cfg: TaskConfig) -> Path:
     return Path(cfg.dataset) if cfg.dataset else SHIPPED / cfg.name
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """The records of `path`; ValueError naming the file and line of the first bad one."""
+def existing(path: Path) -> Path:
     if not path.is_file():
         raise ValueError(f"dataset file {path} does not exist")
+    return path
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """The records of `path`; ValueError naming the file and line of the first bad one."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(existing(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -55,7 +59,7 @@ class DatasetTask(ABC):
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
         folder = dataset_folder(cfg)
-        self.tokenizer = load_tokenizer(folder / "tokenizer.json")
+        self.tokenizer = load_tokenizer(existing(folder / "tokenizer.json"))
         self.train = read_jsonl(folder / "train.jsonl", self.required)
         self.held_out = read_jsonl(folder / "eval.jsonl", self.required)[: cfg.eval_prompts]
         self.demonstrations = [r for r in self.train if self.reference_completion(r)]

@@ -25,7 +25,9 @@ PR_SET_PDEATHSIG = 1
 
 
 class WorkerFailure(RuntimeError):
-    reason = "worker_failed"
+    """A request the worker did not answer; `reason` is what the judge counts."""
+
+    reason: str
 
 
 class WorkerTimeout(WorkerFailure):
@@ -79,7 +81,7 @@ class KillableWorker:
             except BrokenPipeError:
                 self._kill()
                 raise WorkerDied(f"{self.module} exited before the request") from None
-            return self._read_reply(time.monotonic() + timeout_s, WorkerTimeout)
+            return self._read_reply(time.monotonic() + timeout_s)
 
     def close(self) -> None:
         with self.lock:
@@ -90,14 +92,19 @@ class KillableWorker:
             return
         self._kill()  # reap one that died between requests
         self.starts += 1
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        python_path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path}  # the worker imports this package wherever it runs
         self.process = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env, start_new_session=True)
         self.buffer = b""
-        if self._read_reply(time.monotonic() + self.startup_timeout_s, WorkerDied) != READY:
+        try:  # a worker that cannot start is broken, not a sample's failure: raise past the judge
+            ready = self._read_reply(time.monotonic() + self.startup_timeout_s)
+        except WorkerFailure as failure:
+            raise RuntimeError(f"{self.module} failed to start: {failure}") from None
+        if ready != READY:
             raise RuntimeError(f"{self.module} did not announce itself ready")
 
-    def _read_reply(self, deadline: float, on_timeout: type) -> dict:
+    def _read_reply(self, deadline: float) -> dict:
         """One reply line from the worker; on timeout or death the worker is killed and an error raised."""
         fd = self.process.stdout.fileno()
         with selectors.DefaultSelector() as selector:
@@ -106,7 +113,7 @@ class KillableWorker:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._kill()
-                    raise on_timeout(f"{self.module}: no reply within the timeout")
+                    raise WorkerTimeout(f"{self.module}: no reply within the timeout")
                 if selector.select(timeout=remaining):
                     data = os.read(fd, 1 << 16)
                     if not data:

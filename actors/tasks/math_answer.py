@@ -1,6 +1,6 @@
 """Math answers: find the final answer in a completion, and decide if it equals the reference.
 
-Extraction (here, in the caller, linear in the text): the last `\\boxed{...}` with balanced
+Extraction (cheap string scanning, done by the caller): the last `\\boxed{...}` with balanced
 braces; failing that, the last line that states the answer ("Answer: ...", "Final answer: ...",
 "The answer is ...", "#### ..."). Math delimiters (`$`, `\\(`, `\\[`) and a trailing full stop
 are removed.
@@ -76,6 +76,7 @@ def _readings(answer: str) -> list[str]:
 
 def _parse(answer: str) -> list:
     """math-verify's parse, with set operations carried out (it leaves `A \\cap B` unevaluated)."""
+    # imported here: the judge imports this module for extraction and must not load sympy
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     from sympy import Set
 

@@ -12,7 +12,8 @@ Verdicts: ok, runtime_error, syntax_error, time_limit (CPU or wall clock), memor
 process_limit, output_limit. A failure of the jail itself raises SandboxError: a broken sandbox
 must stop the judge loudly, never score every sample 0.
 """
-import json
+import ast
+import marshal
 import os
 import selectors
 import shutil
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loguru import logger
 
@@ -41,14 +42,15 @@ class SandboxError(RuntimeError):
 
 @dataclass
 class RunResult:
-    verdict: str
+    verdict: str  # ok | runtime_error | syntax_error | time_limit | memory_limit | process_limit | output_limit
     stdout: str = ""
     stderr: str = ""  # the last STDERR_TAIL_CHARS characters
     exit_code: int | None = None
     signal: int | None = None
     cpu_s: float = 0.0
     wall_s: float = 0.0
-    detail: str = field(default="")  # one line saying why, for the judge's record
+    uid: int = 0  # the run's own uid (every process it started ran as this uid)
+    detail: str = ""  # one line saying why, for the judge's record
 
 
 @dataclass
@@ -128,18 +130,21 @@ class Sandbox:
         config = self._config(host_dir, status_write, wall_s)
         start = time.monotonic()
         with open(os.path.join(host_dir, "stdin.txt"), "rb") as stdin_file:
-            launcher = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER, json.dumps(config)], env={},
+            launcher = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER, marshal.dumps(config).hex()], env={},
                                         stdin=stdin_file, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         pass_fds=(status_write,), start_new_session=True)
         os.close(status_write)
+        capture = _Capture(chunks={name: bytearray() for name in ("stdout", "stderr", "status")})
         try:
-            capture = self._capture(launcher, status_read, start + wall_s)
+            self._capture(launcher, status_read, start + wall_s, capture)
         finally:
-            self._kill_tree(launcher)
+            self._kill_tree(launcher, capture)
             os.close(status_read)
-        return self._result(capture, launcher.returncode, time.monotonic() - start)
+        result = self._result(capture, launcher.returncode, time.monotonic() - start)
+        result.uid = UID_BASE + launcher.pid
+        return result
 
-    def _capture(self, launcher: subprocess.Popen, status_fd: int, deadline: float) -> _Capture:
+    def _capture(self, launcher: subprocess.Popen, status_fd: int, deadline: float, capture: _Capture) -> None:
         """Read stdout, stderr and status until the candidate has ended and what it wrote is read,
         the deadline passes, or the output overflows.
 
@@ -150,7 +155,6 @@ class Sandbox:
         streams = {launcher.stdout.fileno(): "stdout", launcher.stderr.fileno(): "stderr", status_fd: "status"}
         for fd in streams:
             selector.register(fd, selectors.EVENT_READ)
-        capture = _Capture(chunks={name: bytearray() for name in streams.values()})
         cap, ended = self.cfg.output_kb << 10, False
         while selector.get_map():
             remaining = deadline - time.monotonic()
@@ -170,19 +174,23 @@ class Sandbox:
                 break
             ended = "exit_code" in _status_lines(capture.chunks["status"])
         selector.close()
-        return capture
 
-    def _kill_tree(self, launcher: subprocess.Popen) -> None:
-        """Kill the run's process group, then (without a pid namespace) every process of its uid.
+    def _kill_tree(self, launcher: subprocess.Popen, capture: _Capture) -> None:
+        """End the run and everything it started before returning.
 
-        The group is killed before the launcher is reaped: until then its pid, which is the
-        group id, cannot be reused by an unrelated process.
+        A run cut short loses its candidate first: pid 1 of its namespace, whose pid stays
+        reserved until the launcher reaps it, which the kernel allows only once the namespace
+        is empty. The launcher then exits (its alarm bounds the wait); waiting with WNOWAIT
+        keeps its pid, the process group id, reserved while the group is killed. Without a pid
+        namespace every process of the run's uid is killed last. (Killing by pid is safe: the
+        launcher reaps the candidate only when it has ended, and writes that down at once.)
         """
-        try:
-            os.killpg(launcher.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        launcher.wait(timeout=REAP_TIMEOUT_S)
+        status = _status_lines(capture.chunks["status"])
+        if "exit_code" not in status:
+            _kill(status["pid"] if "pid" in status else -launcher.pid)  # not forked yet: the whole group
+        os.waitid(os.P_PID, launcher.pid, os.WEXITED | os.WNOWAIT)
+        _kill(-launcher.pid)
+        launcher.wait()
         launcher.stdout.close()
         launcher.stderr.close()
         if not self.namespaces:
@@ -222,9 +230,17 @@ class Sandbox:
         return _ERROR_VERDICTS.get(error_name, "runtime_error"), last_line[:200] or f"exit code {result.exit_code}"
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL a process (pid > 0) or a process group (pid < 0) that may already be gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _status_lines(data: bytes) -> dict:
     """The launcher's status messages merged into one dict; a line still being written is skipped."""
     status = {}
     for line in data.split(b"\n")[:-1]:
-        status.update(json.loads(line))
+        status.update(ast.literal_eval(line.decode()))
     return status

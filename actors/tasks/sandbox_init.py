@@ -1,16 +1,19 @@
-"""Sandbox launcher: `python -I -S sandbox_init.py CONFIG_JSON`, started by actors/tasks/sandbox.py.
+"""Sandbox launcher: `python -I -S sandbox_init.py CONFIG_HEX`, started by actors/tasks/sandbox.py.
 
 Privileged set-up (namespaces, mounts, chroot, dropping to an unprivileged uid) runs here, in a
 fresh single-threaded process started for each run, never in the threaded judge process (a
-`preexec_fn` there could deadlock on a lock another thread held at fork). Standard library only:
-`-I -S` keeps the judge's PYTHONPATH and site-packages out.
+`preexec_fn` there could deadlock on a lock another thread held at fork). Standard library only
+and few imports, since each costs start-up time on every run; `-I -S` keeps the judge's
+PYTHONPATH and site-packages out. CONFIG_HEX is the run's config as hex-encoded `marshal` data.
 
 With `namespaces` (root with CAP_SYS_ADMIN), the launcher enters new mount, network and pid
 namespaces and forks the candidate as pid 1 of the new pid namespace, so when the candidate ends
 or is killed the kernel kills everything it started, even processes that left its process group.
 The candidate sees only a read-only view of the system directories and the interpreter, a fresh
 /proc of its own namespace, a few /dev nodes, and /tmp: a size-limited tmpfs that is its only
-writable place. The network namespace has only a loopback device, and that is down.
+writable place. Nothing else exists for it: not the host's /tmp (Ray's sockets), not the code
+or the datasets with their expected outputs. The network namespace has only a loopback
+device, and that is down.
 Without namespaces (root lacking CAP_SYS_ADMIN, e.g. a default Docker container) the candidate
 still runs as its own uid, and a seccomp filter refuses sockets other than AF_UNIX.
 
@@ -18,19 +21,17 @@ Either way the candidate runs under uid/gid UID_BASE + the launcher's pid (uniqu
 runs, so RLIMIT_NPROC and `kill -1` never reach another run), with no supplementary groups,
 no_new_privs, CPU/memory/process/file-size limits and a clean environment.
 
-Protocol on the status fd (one JSON object per line): {"pid": host pid of the candidate} right
-after the fork; then either {"setup_error": message} or, when the candidate ended,
-{"exit_code": int | None, "signal": int | None, "cpu_s": float, "max_rss_kb": int}.
+Protocol on the status fd, one Python dict literal per line (read with ast.literal_eval):
+{"pid": host pid of the candidate} right after the fork; then either {"setup_error": message}
+or, once the candidate is reaped, {"exit_code": int | None, "signal": int | None, "cpu_s": float}.
+With a pid namespace, the kernel lets the candidate be reaped only after every process in its
+namespace has gone, so that last line means the whole run is over.
 """
 import ctypes
-import json
-import math
+import marshal
 import os
-import platform
 import resource
-import shutil
 import signal
-import struct
 import sys
 
 UID_BASE = 2_000_000_000
@@ -91,7 +92,8 @@ def build_root(config: dict, uid: int) -> None:
     _mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     work = f"{root}/tmp"
     os.makedirs(work)
-    shutil.copyfile(config["program"], f"{work}/solution.py")
+    with open(config["program"], "rb") as source, open(f"{work}/solution.py", "wb") as copy:
+        copy.write(source.read())
     os.chown(work, uid, uid)
     os.chmod(work, 0o700)
     os.chroot(root)
@@ -104,7 +106,9 @@ def refuse_sockets() -> None:
     Used where no network namespace can be made. Any other architecture, and the x32 ABI,
     kill the process, so the filter cannot be sidestepped through a second syscall table.
     """
-    arch, nr_socket = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}[platform.machine()]
+    import struct  # only this fallback needs it; every import costs each run start-up time
+
+    arch, nr_socket = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}[os.uname().machine]
     nr_io_uring_setup, af_unix, eacces = 425, 1, 13
     kill, allow, refuse = 0x80000000, 0x7FFF0000, 0x00050000 | eacces
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
@@ -155,14 +159,14 @@ def become_candidate(config: dict, uid: int, status_fd: int) -> None:
 
 
 def report(status_fd: int, message: dict) -> None:
-    os.write(status_fd, (json.dumps(message) + "\n").encode())
+    os.write(status_fd, (repr(message) + "\n").encode())
 
 
 def launch(config: dict) -> int:
     status_fd = config["status_fd"]
     # backstops should the judge die: the launcher goes with it, or at the latest after the wall limit
     _check(_libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0), "pdeathsig")
-    signal.alarm(math.ceil(config["limits"]["wall_s"]) + 1)
+    signal.alarm(int(config["limits"]["wall_s"]) + 2)
     if config["namespaces"]:
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET), "unshare")
     uid = UID_BASE + os.getpid()
@@ -177,7 +181,7 @@ def launch(config: dict) -> int:
     _, status, usage = os.wait4(pid, 0)
     report(status_fd, {"exit_code": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
                        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                       "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_kb": usage.ru_maxrss})
+                       "cpu_s": usage.ru_utime + usage.ru_stime})
     return 0
 
 
@@ -199,4 +203,4 @@ if __name__ == "__main__":
         sys.exit(probe())
     if sys.argv[1] == "--kill-uid":
         sys.exit(kill_uid(int(sys.argv[2])))
-    sys.exit(launch(json.loads(sys.argv[1])))
+    sys.exit(launch(marshal.loads(bytes.fromhex(sys.argv[1]))))
