@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from comm.weights import free_port
@@ -60,6 +61,13 @@ def gradient_worker(rank: int, world: int, port: int, aggregation: str, out: str
     grads = {name: full_tensor(p.grad) for name, p in trainer.model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
+    leave_group()
+
+
+def leave_group() -> None:
+    """Both ranks leave together: a rank exiting with a live gloo group can abort at teardown."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def spawn(worker, world: int, *args) -> None:
@@ -101,6 +109,7 @@ def resume_worker(rank: int, world: int, port: int, checkpoint: str, out: str) -
     resumed_losses = [step(resumed, batches[2]), step(resumed, batches[3])]
     if rank == 0:
         torch.save({"losses": losses, "resumed": resumed_losses, "version": resumed.version}, out)
+    leave_group()
 
 
 def test_resumed_sharded_run_gives_the_same_next_step_losses(tmp_path):
