@@ -1,7 +1,9 @@
 """ringrl controller: `python run.py [key=value ...]` (Hydra overrides, see conf/schema.py).
 
-The driver starts the actors, paces admission, triggers training and weight
-syncs, and records; trajectories never pass through it.
+The driver starts the actors, paces admission, triggers training and weight syncs,
+keeps the ledger of every prompt's fate, takes checkpoints and records; trajectories
+never pass through it. `python run.py run.resume=<run dir>` continues a run from its
+newest complete checkpoint with the run's own overrides (later ones on top).
 """
 import json
 import math
@@ -9,24 +11,55 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import ray
 from tqdm import tqdm
 
-from actors.record import Recorder, accounting, make_run_dir
-from actors.system import (ActorFailure, async_on_learners, async_stats, async_sync_weights, call,
-                           evaluate, start_system, stop_system)
+from actors.ledger import Ledger
+from actors.record import Recorder, make_run_dir
+from actors.supervisor import ABSORB_QUIET_S, Supervisor
+from actors.system import (ActorFailure, accuracy, async_evaluate, async_on_generators, async_on_learners,
+                           async_stats, call, start_generators, start_system, stop_system)
 from actors.tasks import build_task
 from comm.logs import setup_logging
 from conf.load import ConfigError, load_config
 from conf.schema import Config
+from learner.checkpoint import CheckpointError, latest_valid, publish, staging_dir, write_durably
 from learner.staleness import AdmissionController
 from model.plan import plan_report
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__"]
 DRIVER_STATE = "driver.json"
+OVERRIDES = "overrides.json"
+COLLECT_SLICE_S = 1.0  # the driver looks after the actors between slices of a learner's wait
+
+
+@dataclass
+class Progress:
+    """Where the driver stands; a checkpoint's driver.json keeps it."""
+
+    step: int      # RL steps done
+    cursor: int    # index of the next training prompt
+    ledger: Ledger
+    admission: AdmissionController
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "cursor": self.cursor, "ledger": self.ledger.to_dict(),
+                "admitted": self.admission.admitted, "consumed": self.admission.consumed}
+
+    @staticmethod
+    def start(cfg: Config, state: dict | None = None) -> "Progress":
+        G = cfg.algo.group_size
+        eta = 0 if cfg.algo.mode == "sync" else cfg.algo.max_staleness
+        admission = AdmissionController(cfg.algo.prompts_per_step * G, eta)
+        if state is None:
+            return Progress(0, 0, Ledger(G), admission)
+        admission.admitted, admission.consumed = state["admitted"], state["consumed"]
+        return Progress(state["step"], state["cursor"], Ledger.from_dict(G, state["ledger"]), admission)
 
 
 @contextmanager
@@ -49,87 +82,155 @@ def ray_session(cfg: Config, namespace: str, log):
         ray.shutdown()  # an attached cluster keeps running; only this job's actors go
 
 
-def start_policy(cfg: Config, system, recorder: Recorder, log) -> int:
-    """Warm up a fresh policy, or load `run.resume`; publish it; return the prompt cursor."""
-    if cfg.run.resume:
-        version = call(async_on_learners(system, "load", cfg.run.resume))["learner-0"]
-        cursor = json.loads((Path(cfg.run.resume) / DRIVER_STATE).read_text())["prompt_cursor"]
-        log.info("resumed {} at version {}, prompt cursor {}", cfg.run.resume, version, cursor)
-    else:
-        with recorder.timer("warmup"):
-            warmup = call(async_on_learners(system, "warmup"))["learner-0"]
-        log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
-        cursor = 0
-    call(async_sync_weights(system))
-    return cursor
+def restore(cfg: Config, system, recorder: Recorder, log) -> Progress:
+    """Load the newest complete checkpoint of `run.resume` into the learners and generators."""
+    checkpoint = latest_valid(Path(cfg.run.resume), log.warning)
+    state = json.loads((checkpoint / DRIVER_STATE).read_text())
+    snapshots = {name: checkpoint / f"{name}.msgpack" for name in system.generators}
+    missing = [name for name, path in snapshots.items() if not path.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint} has no state for {', '.join(missing)}: "
+                              "resume with the generator.num it was written with")
+    call(async_on_learners(system, "load", str(checkpoint)))
+    call({name: system.generators[name].restore.remote(msgpack.unpackb(path.read_bytes()))
+          for name, path in snapshots.items()})
+    recorder.resume(state["step"])
+    log.info("resumed {} at step {}, prompt cursor {}", checkpoint, state["step"], state["cursor"])
+    return Progress.start(cfg, state)
 
 
-def admit(system, task, admission: AdmissionController, group_size: int, cursor: int) -> int:
-    """Hand generators as many new prompts as the staleness bound allows; returns the new cursor."""
-    groups = admission.admissible_groups(group_size)
-    prompts = [vars(task.train_prompt(cursor + i)) for i in range(groups)]
-    call({f"generator-{i}": g.submit.remote(prompts[i :: len(system.generators)])
-          for i, g in enumerate(system.generators)})
-    admission.admit(groups * group_size)
-    return cursor + groups
+def warm_up(cfg: Config, system, recorder: Recorder, log) -> None:
+    """The supervised warm-up, or the policy of `run.init_from`."""
+    if cfg.run.init_from:
+        checkpoint = latest_valid(Path(cfg.run.init_from), log.warning)
+        version = call(async_on_learners(system, "load", str(checkpoint), True))["learner-0"]
+        log.info("policy of {} (version {}) as the starting point", checkpoint, version)
+        return
+    with recorder.timer("warmup"):
+        warmup = call(async_on_learners(system, "warmup"))["learner-0"]
+    log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
 
 
-def save(system, directory: Path, cursor: int) -> None:
-    """Every learner writes its shard; the driver adds where the prompt stream stands."""
-    call(async_on_learners(system, "save", str(directory)))
-    (directory / DRIVER_STATE).write_text(json.dumps({"prompt_cursor": cursor}))
+def admit(sup: Supervisor, task, progress: Progress) -> None:
+    """Hand generators as many new prompts as the staleness bound allows."""
+    groups = progress.admission.admissible_groups(progress.ledger.group_size)
+    sup.submit([vars(task.train_prompt(progress.cursor + i)) for i in range(groups)])
+    progress.cursor += groups
 
 
-def train(cfg: Config, system, recorder: Recorder, log) -> None:
+def collect_batch(cfg: Config, sup: Supervisor, until_groups: int | None) -> None:
+    """Let the learners fill their buffers, a slice at a time, until every rank has its batch."""
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, until_groups))
+        sup.settle({uid: fate for r in results.values() for uid, fate in r["fates"].items()})
+        if all(r["ready"] for r in results.values()):
+            return
+        count = sum(len(r["buffered"]) for r in results.values())
+        if count != last_count:
+            last_count, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > cfg.learner.recv_timeout_s:
+            raise ActorFailure("learner-0", f"{count} groups buffered and none new for {cfg.learner.recv_timeout_s}s "
+                                            f"at step {sup.step}")
+
+
+def train_step(sup: Supervisor, until_groups: int | None) -> dict:
+    results = sup.call(async_on_learners(sup.system, "train_step", until_groups))
+    sup.settle({uid: fate for r in results.values() for uid, fate in r.pop("fates").items()})
+    return results["learner-0"]
+
+
+def checkpoint(cfg: Config, sup: Supervisor, progress: Progress, run_dir: Path, log) -> Path | None:
+    """Hold the generators, drain what is on the wire into the learners' buffers, write every
+    part, publish; a checkpoint that cannot be completed is skipped (logged), the run goes on."""
+    system = sup.system
+    snapshots = {n: s for n, s in sup.call(async_on_generators(system, "hold")).items() if s is not None}
+    try:
+        sup.settle({uid: fate for s in snapshots.values() for uid, fate in s.pop("fates").items()})
+        held = {uid for s in snapshots.values() for uid in [*s["meta"], *(p["uid"] for p in s["queued"])]}
+        if not drain_to_learners(cfg, sup, progress.ledger, held, log):
+            return None
+        staged = staging_dir(run_dir, progress.step)
+        sup.call(async_on_learners(system, "save", str(staged)))
+        for name, snapshot in snapshots.items():
+            write_durably(staged / f"{name}.msgpack", msgpack.packb(snapshot))
+        write_durably(staged / DRIVER_STATE, json.dumps(progress.to_dict()).encode())
+        return publish(staged)
+    finally:
+        sup.call(async_on_generators(system, "release"))
+
+
+def drain_to_learners(cfg: Config, sup: Supervisor, ledger: Ledger, held: set[str], log) -> bool:
+    """Until every pending prompt the generators do not hold is buffered at a learner."""
+    deadline = time.monotonic() + cfg.learner.recv_timeout_s
+    while True:
+        absorbed = sup.call(async_on_learners(sup.system, "absorb", ABSORB_QUIET_S))
+        sup.settle({uid: fate for r in absorbed.values() for uid, fate in r["fates"].items()})
+        on_the_way = set(ledger.pending()) - held - {uid for r in absorbed.values() for uid in r["buffered"]}
+        if not on_the_way:
+            return True
+        if time.monotonic() > deadline:
+            log.warning("checkpoint at step {} skipped: {} groups never reached a learner", sup.step, len(on_the_way))
+            return False
+
+
+def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, log) -> None:
     task = build_task(cfg.task)
     eval_prompts = [vars(p) for p in task.eval_prompts()]
-    cursor = start_policy(cfg, system, recorder, log)
-    accuracy = recorder.evaluation("after_warmup", evaluate(system, eval_prompts))["accuracy"]
-    log.info("held-out greedy accuracy before RL: {:.1%}", accuracy)
-    G, eta = cfg.algo.group_size, 0 if cfg.algo.mode == "sync" else cfg.algo.max_staleness
-    admission = AdmissionController(cfg.algo.prompts_per_step * G, eta)
-    purged, rl_start = 0, time.monotonic()
+    if "after_warmup" not in recorder.evaluations:
+        result = recorder.evaluation("after_warmup", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
+        log.info("held-out greedy accuracy before RL: {:.1%}", result["accuracy"])
+    rl_start = time.monotonic()
     deadline = rl_start + (cfg.run.time_budget_s or math.inf)
-    bar = tqdm(range(cfg.run.steps), desc="RL", disable=not cfg.run.progress, file=sys.stdout)
+    bar = tqdm(range(progress.step, cfg.run.steps), desc="RL", initial=progress.step, total=cfg.run.steps,
+               disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
         if time.monotonic() > deadline:
             break
+        sup.step = step
         with recorder.timer("admit"):
-            cursor = admit(system, task, admission, G, cursor)
+            admit(sup, task, progress)
         with recorder.timer("round"):
-            until_groups = round_batch_end(cfg, system, step)
+            until_groups = round_batch_end(cfg, sup, step)
+        with recorder.timer("collect"):
+            collect_batch(cfg, sup, until_groups)
         with recorder.timer("train"):
-            stats = call(async_on_learners(system, "train_step", until_groups))["learner-0"]
-            admission.consume(stats["consumed"])
+            stats = train_step(sup, until_groups)
         with recorder.timer("weight_sync"):
-            sync = call(async_sync_weights(system))
-        totals = pool_totals(call(async_stats(system)))
-        admission.consume(totals["purged"] - purged)  # a purged group will never reach the learner
-        purged = totals["purged"]
+            sync = sup.sync_weights()
+        sup.settle({uid: fate for fates in sup.call(async_on_generators(sup.system, "take_fates")).values()
+                    if fates for uid, fate in fates.items()})
+        counters = sup.call(async_stats(sup.system))
+        recorder.processes({name: c["pid"] for name, c in counters.items() if c})
+        totals = pool_totals(counters)
+        progress.step = step + 1
         if due_for_evaluation(cfg, step, totals["trained_samples"], recorder):
             with recorder.timer("eval"):
-                accuracy = stats["eval_accuracy"] = evaluate(system, eval_prompts)["accuracy"]
+                stats["eval_accuracy"] = accuracy(sup.call(async_evaluate(sup.system, eval_prompts)))["accuracy"]
         recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
-                       "in_flight": admission.in_flight, "prompt_cursor": cursor})
-        bar.set_postfix(reward=f"{stats['reward']:.2f}", acc=f"{accuracy:.2f}", v=stats["version"])
+                       "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
+        if cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0 and progress.step < cfg.run.steps:
+            with recorder.timer("checkpoint"):
+                checkpoint(cfg, sup, progress, recorder.run_dir, log)
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", v=stats["version"])
     recorder.summary["rl_wall_s"] = time.monotonic() - rl_start
-    accuracy = recorder.evaluation("after_rl", evaluate(system, eval_prompts))["accuracy"]
-    log.info("held-out greedy accuracy after RL: {:.1%}", accuracy)
-    save(system, recorder.run_dir / "checkpoint", cursor)
+    result = recorder.evaluation("after_rl", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
+    log.info("held-out greedy accuracy after RL: {:.1%}", result["accuracy"])
+    checkpoint(cfg, sup, progress, recorder.run_dir, log)
 
 
-def round_batch_end(cfg: Config, system, step: int) -> int | None:
+def round_batch_end(cfg: Config, sup: Supervisor, step: int) -> int | None:
     """C3PO++: wait for round `step` to close; the batch ends with the groups sent by then."""
     if not (cfg.algo.round_token_budget and cfg.algo.mode == "async"):
         return None
-    return sum(call({f"generator-{i}": g.wait_rounds_closed.remote(step + 1, cfg.learner.recv_timeout_s)
-                     for i, g in enumerate(system.generators)}).values())
+    closed = sup.call(async_on_generators(sup.system, "wait_rounds_closed", step + 1, cfg.learner.recv_timeout_s))
+    return sum(sent for sent in closed.values() if sent is not None)
 
 
 def pool_totals(counters: dict) -> dict:
-    """Counters summed over the actors: tokens generated, samples trained, samples purged."""
+    """Counters summed over the live actors: tokens generated, samples trained, samples purged."""
     def total(key: str) -> int:
-        return sum(c.get(key, 0) for c in counters.values())
+        return sum(c.get(key, 0) for c in counters.values() if c)
     return {"generated_tokens": total("generated_tokens"), "trained_samples": total("trained_samples"),
             "purged": total("dropped_purged")}
 
@@ -142,35 +243,62 @@ def due_for_evaluation(cfg: Config, step: int, trained: int, recorder: Recorder)
     return bool(periodic or milestone)
 
 
+def with_run_overrides(argv: list[str]) -> list[str]:
+    """On `run.resume=<run dir>`: the run's own overrides, then these (later ones win)."""
+    resume = [arg for arg in argv if arg.startswith("run.resume=")]
+    if not resume:
+        return argv
+    saved = Path(resume[-1].split("=", 1)[1]) / OVERRIDES
+    if not saved.is_file():
+        raise ConfigError(f"{resume[-1]}: {saved} not found (not a ringrl run directory)")
+    return [*json.loads(saved.read_text()), *argv]
+
+
+def run(cfg: Config, argv: list[str], log) -> int:
+    run_dir = Path(cfg.run.resume).absolute() if cfg.run.resume else make_run_dir(cfg)
+    if not cfg.run.resume:
+        (run_dir / OVERRIDES).write_text(json.dumps(argv))
+    recorder = Recorder(run_dir, cfg)
+    log.info("run directory: {}", run_dir)
+    status, final, sup = "failed", {}, None
+    with ray_session(cfg, namespace=run_dir.name, log=log):
+        system = start_system(cfg)
+        try:
+            progress = restore(cfg, system, recorder, log) if cfg.run.resume else Progress.start(cfg)
+            sup = Supervisor(system, progress.ledger, progress.admission, log)
+            if not cfg.run.resume:
+                warm_up(cfg, system, recorder, log)
+            sup.sync_weights(resend=bool(cfg.run.resume))
+            start_generators(system)
+            train(cfg, sup, progress, recorder, log)
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            log.warning("interrupted: stopping every actor")
+        except (ActorFailure, CheckpointError) as err:
+            log.error("{}", err)
+        finally:
+            final = stop_system(system)
+            extra = {"actors": final, "faults": sup.report() if sup else []}
+            if sup:
+                sup.settle({uid: fate for counters in final.values() for uid, fate in counters.pop("fates", {}).items()})
+                extra["samples"] = sup.ledger.totals()
+            summary = recorder.finish(status, extra)
+    log.info("summary: {}", summary)
+    return 0 if status == "finished" else 1
+
+
 def main(argv: list[str]) -> int:
     log = setup_logging("driver")
     try:
-        cfg = load_config(argv)
+        cfg = load_config(with_run_overrides(argv))
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if cfg.run.mode == "plan":
         print(plan_report(cfg))
         return 0
-    run_dir = make_run_dir(cfg)
-    recorder = Recorder(run_dir, cfg)
-    log.info("run directory: {}", run_dir)
-    status, final = "failed", {}
-    with ray_session(cfg, namespace=run_dir.name, log=log):
-        system = start_system(cfg)
-        try:
-            train(cfg, system, recorder, log)
-            status = "finished"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            log.warning("interrupted: stopping every actor")
-        except ActorFailure as err:
-            log.error("{}", err)
-        finally:
-            final = stop_system(system)
-            summary = recorder.finish(status, {"actors": final, "samples": accounting(final)})
-    log.info("summary: {}", summary)
-    return 0 if status == "finished" else 1
+    return run(cfg, argv, log)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,14 @@ A decode thread owns the engine and the outgoing ZeroMQ socket. Ray method calls
 (other threads) only queue prompts, stage new weights, or read counters; the
 decode thread applies staged weights between two decode steps, so running
 rollouts are never drained and their later tokens carry the new version.
+
+For checkpoints the driver holds the decode thread (`hold`), takes a `snapshot` of
+everything unfinished (queued prompts, rollouts in the slots or paused, finished
+members of incomplete groups, sampling RNG, round counters) and releases it; a resumed
+run `restore`s the snapshot before decoding starts. Fates the driver's ledger needs
+(purged prompts) are handed over by `take_fates`.
 """
+import os
 import queue
 import threading
 import time
@@ -15,6 +22,7 @@ import ray
 import torch
 
 from actors.tasks import build_task
+from comm.auth import ChannelKeys
 from comm.channel import TrajectorySender
 from comm.logs import setup_logging
 from comm.weights import WeightSubscriber, init_weight_group
@@ -28,8 +36,8 @@ IDLE_WAIT_S = 0.05
 
 @ray.remote
 class Generator:
-    def __init__(self, cfg: Config, rank: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
+        self.cfg, self.rank, self.keys = cfg, rank, keys
         self.log = setup_logging("generator", rank)
         torch.set_num_threads(cfg.generator.torch_threads)
         torch.manual_seed(cfg.run.seed)
@@ -60,12 +68,21 @@ class Generator:
         self.rounds_closed, self.updates_applied, self.idle = 0, 0, False
         self.groups_sent, self.groups_sent_at_close = 0, []  # a round's batch: groups sent before it closed
         self.round_progress = threading.Condition()
+        self.new_fates: dict[str, str] = {}  # prompt uid -> fate, until the driver takes them
+        self.hold_requested, self.held = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
     def join_weight_group(self, addr: str, port: int, weight_rank: int, world_size: int) -> None:
+        """Join (or, after a peer died, re-join) the weight group as `weight_rank`."""
         group = init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s)
         self.subscriber = WeightSubscriber(group, self.cfg.comm.collective_timeout_s)
+
+    def watch(self) -> None:
+        """Returns when the generator stops, raises when its decode thread failed; the driver keeps
+        one call pending to see it die or fail."""
+        self.stopping.wait()
+        self._raise_if_failed()
 
     def start(self, judge_endpoints: list[str]) -> None:
         self.thread = threading.Thread(target=self._run, args=(judge_endpoints,), daemon=True,
@@ -73,19 +90,80 @@ class Generator:
         self.thread.start()
 
     def submit(self, prompts: list[dict]) -> None:
-        """Queue admitted prompts; each becomes group_size rollouts."""
-        self._raise_if_failed()
-        for prompt in prompts:
-            self.prompts.put(prompt)
+        """Queue admitted prompts; each becomes group_size rollouts.
 
-    def receive_weights(self) -> dict:
-        """Take part in the broadcast, then wait until the decode thread applied it."""
+        All at once: the decode thread fills slots under the same lock, so which prompts
+        share a decode batch does not depend on thread timing (sync runs are reproducible).
+        """
+        self._raise_if_failed()
+        with self.step_lock:
+            for prompt in prompts:
+                self.prompts.put(prompt)
+
+    def take_fates(self) -> dict[str, str]:
+        """Fates decided here since the last call (purged prompts), for the driver's ledger."""
+        with self.step_lock:
+            fates, self.new_fates = self.new_fates, {}
+        return fates
+
+    def holding(self) -> list[str]:
+        """Uids of the prompts this generator still holds (queued, decoding, paused, incomplete)."""
+        with self.step_lock:
+            return list(self.meta) + [p["uid"] for p in self.prompts.queue]
+
+    def hold(self) -> dict:
+        """Stop decoding (after the current step); returns the snapshot of everything unfinished."""
+        self._raise_if_failed()
+        self.hold_requested.set()
+        while not self.held.wait(timeout=1.0):
+            self._raise_if_failed()
+        return self._snapshot()
+
+    def release(self) -> None:
+        self.hold_requested.clear()
+        self.held.clear()
+
+    def restore(self, snapshot: dict) -> None:
+        """Before `start`: take up a checkpoint's unfinished work where it stood."""
+        if self.thread is not None:
+            raise RuntimeError("restore must come before start")
+        for prompt in snapshot["queued"]:
+            self.prompts.put(prompt)
+        self.paused = [Rollout.from_state(r) for r in snapshot["rollouts"]]
+        for prompt_uid, members in snapshot["groups"].items():
+            self.groups[prompt_uid] = [Rollout.from_state(r) for r in members]
+        self.meta, self.purged = dict(snapshot["meta"]), set(snapshot["purged"])
+        self.counters.update(snapshot["counters"])
+        self.busy_s = snapshot["busy_s"]
+        self.engine.version = snapshot["version"]
+        self.engine.rng.set_state(torch.frombuffer(bytearray(snapshot["rng"]), dtype=torch.uint8))
+        for key, value in snapshot["rounds"].items():
+            setattr(self, key, value)
+
+    def _snapshot(self) -> dict:
+        rounds = ("round_open", "round_tokens", "rounds_closed", "updates_applied", "groups_sent",
+                  "groups_sent_at_close")
+        return {"queued": list(self.prompts.queue), "meta": self.meta, "purged": sorted(self.purged),
+                "rollouts": [r.to_state() for r in self.engine.active + self.paused],
+                "groups": {uid: [r.to_state() for r in members] for uid, members in self.groups.items()},
+                "counters": dict(self.counters), "busy_s": self.busy_s, "version": self.engine.version,
+                "rng": self.engine.rng.get_state().numpy().tobytes(),
+                "rounds": {key: getattr(self, key) for key in rounds}, "fates": self.take_fates()}
+
+    def receive_weights(self, resend: bool = False) -> dict:
+        """Take part in the broadcast, then wait until the decode thread applied it.
+
+        A `resend` (to a re-formed weight group, or on resume) reloads the weights the
+        generator had; it does not count as an update of the C3PO++ round logic.
+        """
         self._raise_if_failed()
         start = time.perf_counter()
         version, tensors = self.subscriber.receive()
         received_s = time.perf_counter() - start
         with self.applied:
-            self.staged = (version, tensors)
+            self.staged = (version, tensors, resend)
+            if self.thread is None:  # not decoding yet (a new or restored generator): load them here
+                self._apply_staged()
             while self.staged is not None and self.failure is None:
                 self.applied.wait(timeout=1.0)
         self._raise_if_failed()
@@ -119,25 +197,32 @@ class Generator:
 
     def stats(self) -> dict:
         self._raise_if_failed()
-        return {**self.counters, "busy_s": self.busy_s, "version": self.engine.version,
+        return {**self.counters, "pid": os.getpid(), "busy_s": self.busy_s, "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}
 
     def stop(self) -> dict:
+        """Stop decoding; what is still unfinished is reported with fate `unfinished`."""
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
-        return self.stats()
+        fates = self.take_fates()
+        fates.update({uid: "unfinished" for uid in self.holding()})
+        return {**self.stats(), "fates": fates}
 
     # -- decode thread -------------------------------------------------------------
     # Rounds (C3PO++, algo.round_token_budget > 0): a round closes once this generator made its
     # share of the budget; every unfinished rollout is then paused and resumes in a later round.
     def _run(self, judge_endpoints: list[str]) -> None:
-        sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s)
+        sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
         try:
             while not self.stopping.is_set():
                 with self.applied:
                     self._apply_staged()
+                if self.hold_requested.is_set():
+                    self.held.set()  # a checkpoint is being taken: no step until release
+                    time.sleep(IDLE_WAIT_S)
+                    continue
                 if not self.round_open:
                     time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
                     continue
@@ -150,6 +235,7 @@ class Generator:
         except BaseException as err:  # reaches the driver through the next method call
             self.failure = err
             self.log.exception("decode thread failed")
+            self.stopping.set()
             with self.applied:
                 self.applied.notify_all()
         finally:
@@ -209,24 +295,30 @@ class Generator:
         G = self.cfg.algo.group_size
         self.counters["generated_samples"] += G
         self.counters["dropped_purged"] += G
+        with self.step_lock:  # take_fates swaps the dict under this lock
+            self.new_fates[prompt_uid] = "purged"
 
     def _apply_staged(self) -> None:
-        """Load staged weights between decode steps; a new version opens the next round."""
+        """Load staged weights between decode steps; an update (not a resend) opens the next round."""
         if self.staged is None:
             return
-        version, tensors = self.staged
+        version, tensors, resend = self.staged
         with self.step_lock:
             self.engine.load_weights(tensors, version)
-            if self.cfg.generator.kv_on_update == "recompute":
+            if not resend and self.cfg.generator.kv_on_update == "recompute":
                 self.engine.recompute_cache()
         self.staged = None
-        self.updates_applied += 1
+        self.updates_applied += not resend
         if not self.round_open:
             self._open_round_if_allowed()
         self.applied.notify_all()
 
     def _fill_slots(self) -> None:
         """Resume paused rollouts first, then start whole groups of new prompts."""
+        with self.step_lock:
+            self._fill_slots_locked()
+
+    def _fill_slots_locked(self) -> None:
         while self.paused and self.engine.free_slots:
             rollout = self.paused.pop(0)
             if _prompt_uid(rollout) not in self.purged:

@@ -12,8 +12,11 @@ sandbox verdicts, ...) is counted in the actor's stats, next to the judging rate
 second of scoring time, the capacity that `judge.num` scales.
 
 At stop, the group being scored is abandoned (after its current sample) and the groups still
-queued are drained; both are counted as `dropped_run_end`, so every sample is accounted for.
+queued are drained; both are counted as `dropped_run_end` and reported by prompt uid, so every
+sample is accounted for. A judge that replaces a dead one binds the same port, so the
+generators' sockets reconnect to it by themselves.
 """
+import os
 import threading
 import time
 from collections import Counter
@@ -21,6 +24,7 @@ from collections import Counter
 import ray
 
 from actors.tasks import build_task, judge_completion
+from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver, TrajectorySender
 from comm.logs import setup_logging
 from comm.wire import Trajectory
@@ -32,8 +36,8 @@ DRAIN_QUIET_S = 1.0  # at stop: a second without arrivals means nothing is left 
 
 @ray.remote
 class Judge:
-    def __init__(self, cfg: Config, rank: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
+        self.cfg, self.rank, self.keys = cfg, rank, keys
         self.name = f"judge-{rank}"
         self.log = setup_logging("judge", rank)
         self.task = build_task(cfg.task)
@@ -43,12 +47,13 @@ class Judge:
         self.endpoint_ready = threading.Event()
         self.endpoint = ""
         self.receiver_drops: Counter = Counter()
+        self.fates: dict[str, str] = {}
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
-    def start(self, learner_endpoints: list[str]) -> str:
-        """Bind the inbound channel in the scoring thread; returns its endpoint."""
-        self.thread = threading.Thread(target=self._run, args=(learner_endpoints,), daemon=True,
+    def start(self, learner_endpoints: list[str], port: int = 0) -> str:
+        """Bind the inbound channel (on `port`, 0: any) in the scoring thread; returns its endpoint."""
+        self.thread = threading.Thread(target=self._run, args=(learner_endpoints, port), daemon=True,
                                        name=self.name)
         self.thread.start()
         self.endpoint_ready.wait(timeout=30)
@@ -59,20 +64,26 @@ class Judge:
         """Counters by reason, drops, and the judging rate (samples per second of scoring)."""
         self._raise_if_failed()
         judged = self.counters["judged_samples"]
-        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()},
+        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(),
                 "judged_samples": judged, "scoring_s": self.scoring_s,
                 "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
+
+    def watch(self) -> None:
+        """Returns when the judge stops, raises when its scoring thread failed; the driver keeps
+        one call pending to see it die or fail."""
+        self.stopping.wait()
+        self._raise_if_failed()
 
     def stop(self) -> dict:
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=self.cfg.judge.timeout_s + 10)  # the sample being scored, then the drain
-        return self.stats()
+        return {**self.stats(), "fates": self.fates}
 
     # -- scoring thread ------------------------------------------------------------
-    def _run(self, learner_endpoints: list[str]) -> None:
-        receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm)
-        sender = TrajectorySender(learner_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s)
+    def _run(self, learner_endpoints: list[str], port: int) -> None:
+        receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm, keys=self.keys, port=port)
+        sender = TrajectorySender(learner_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
         self.endpoint = receiver.endpoint
         self.endpoint_ready.set()
         try:
@@ -82,10 +93,11 @@ class Judge:
                 if group is not None and self._score_group(group):
                     sender.send_group(group)
             while (group := receiver.recv_group(timeout_s=DRAIN_QUIET_S)) is not None:
-                self.counters["dropped_run_end"] += len(group)
+                self._drop_at_stop(group)
         except BaseException as err:
             self.failure = err
             self.log.exception("scoring thread failed")
+            self.stopping.set()
         finally:
             receiver.close()
             sender.close()
@@ -94,7 +106,7 @@ class Judge:
         """Score every trajectory in place; False if the judge is stopping (the group is dropped)."""
         for trajectory in group:
             if self.stopping.is_set():
-                self.counters["dropped_run_end"] += len(group)
+                self._drop_at_stop(group)
                 return False
             start = time.perf_counter()
             judgment = judge_completion(self.task, trajectory.completion_tokens, trajectory.task_meta,
@@ -107,6 +119,10 @@ class Judge:
             trajectory.judge = {"reason": judgment.reason, "judge": self.name, "detail": judgment.detail}
             trajectory.timings = {**trajectory.timings, "judge_s": seconds}
         return True
+
+    def _drop_at_stop(self, group: list[Trajectory]) -> None:
+        self.counters["dropped_run_end"] += len(group)
+        self.fates[group[0].prompt_uid] = "run_end"
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

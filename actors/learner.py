@@ -7,20 +7,33 @@ all learners) and takes `prompts_per_step / K` groups per step. Rank 0 is also r
 weights one bucket at a time with the other learner ranks. All methods run on the
 actor's one thread, so the ZeroMQ socket and the process groups are only touched
 from there.
+
+Groups are received into a buffer by `collect`, which the driver calls in short slices
+until the next batch is there (so it can replace a dead generator meanwhile), and
+trained on by `train_step`. A group of a prompt this learner has already consumed (a
+re-issued copy, see actors/ledger.py) is dropped as `duplicate`: nothing is trained
+twice. The buffer and the consumed prompts are part of the checkpoint.
 """
+import os
 import random
 import time
 from collections import Counter
 from pathlib import Path
 
+import msgpack
+
 import ray
 import torch
 
 from actors.tasks import build_task
+from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
+from actors.ledger import root_of
 from comm.weights import WeightPublisher, free_port, init_weight_group, plan_buckets
+from comm.wire import decode_group, encode_group
 from conf.schema import Config
+from learner.checkpoint import write_durably
 from learner.batch import collate, collate_demonstrations, select_informative
 from learner.metrics import merge_rank_stats
 from learner.sharding import (all_reduce_sum, full_tensor, gather_stats, init_learner_group, loss_scale,
@@ -33,8 +46,8 @@ DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is le
 
 @ray.remote
 class Learner:
-    def __init__(self, cfg: Config, rank: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
+        self.cfg, self.rank, self.keys = cfg, rank, keys
         self.log = setup_logging("learner", rank)
         torch.set_num_threads(cfg.learner.torch_threads)
         torch.manual_seed(cfg.run.seed)
@@ -44,7 +57,10 @@ class Learner:
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
         self.publisher: WeightPublisher | None = None
-        self.groups_consumed = 0  # C3PO++ rounds: groups taken since the start
+        self.buffer: list[tuple[int, list]] = []  # (arrival ordinal, group) received, not yet trained
+        self.received = 0                         # groups received since the start (C3PO++ rounds)
+        self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
+        self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
     def address(self) -> tuple[str, int]:
@@ -57,7 +73,7 @@ class Learner:
             init_learner_group(self.rank, self.cfg.learner.num, addr, port, self.cfg.comm.collective_timeout_s)
         self.model = shard_model(self.model)
         self.trainer = Trainer(self.model, self.cfg.learner, self.cfg.algo, self.cfg.generator.temperature)
-        self.receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm)
+        self.receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm, keys=self.keys)
         return self.receiver.endpoint
 
     def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
@@ -83,40 +99,106 @@ class Learner:
         return {**stats, "warmup_s": time.perf_counter() - start}
 
     def publish(self) -> dict:
-        """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0."""
+        """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0.
+
+        The other ranks gather every bucket of the plan. If the broadcast breaks (a generator
+        died), rank 0 still gathers the buckets it had not reached, so that no rank is left
+        waiting in an all-gather, then raises.
+        """
         state = dict(self._weights())
+        fetched = 0
 
         def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+            nonlocal fetched
+            fetched += 1
             return {name: full_tensor(state[name]) for name in names}
 
-        if self.publisher is not None:
-            return {**self.publisher.publish(self.trainer.version, fetch), "version": self.trainer.version}
         plan = plan_buckets(list(state.items()), self._bucket_bytes())
-        for index in range(plan.num_buckets):
-            fetch(plan.bucket_names(index))  # the all-gathers rank 0 is doing for this bucket
-        return {"version": self.trainer.version}
+        if self.publisher is None:
+            for index in range(plan.num_buckets):
+                fetch(plan.bucket_names(index))  # the all-gathers rank 0 is doing for this bucket
+            return {"version": self.trainer.version}
+        try:
+            return {**self.publisher.publish(self.trainer.version, fetch), "version": self.trainer.version}
+        except Exception:
+            for index in range(fetched, plan.num_buckets):
+                fetch(plan.bucket_names(index))
+            raise
+
+    def collect(self, wait_s: float, until_groups: int | None = None) -> dict:
+        """Receive into the buffer for up to `wait_s`, returning early once the batch is ready.
+
+        The batch is this rank's share of prompts_per_step groups, or with C3PO++ rounds
+        every group up to the `until_groups`-th received since the start.
+        Returns {"ready", "buffered": prompt uids now buffered, "fates": taken since last time}.
+        """
+        deadline = time.monotonic() + wait_s
+        while not self._batch_ready(until_groups) and (remaining := deadline - time.monotonic()) > 0:
+            group = self.receiver.recv_group(timeout_s=remaining)
+            if group is not None:
+                self._buffer(group)
+        return {"ready": self._batch_ready(until_groups), "buffered": self.buffered_uids(),
+                "fates": self.take_fates()}
+
+    def absorb(self, quiet_s: float) -> dict:
+        """Buffer whatever arrives until `quiet_s` passes without a group (checkpoints drain the wire)."""
+        while (group := self.receiver.recv_group(timeout_s=quiet_s)) is not None:
+            self._buffer(group)
+        return {"buffered": self.buffered_uids(), "fates": self.take_fates()}
+
+    def buffered_uids(self) -> list[str]:
+        return [group[0].prompt_uid for _, group in self.buffer]
+
+    def take_fates(self) -> dict[str, str]:
+        fates, self.fates = self.fates, {}
+        return fates
+
+    def _buffer(self, group: list) -> None:
+        self.received += 1
+        root = root_of(group[0].prompt_uid)
+        if root in self.consumed_roots or root in {root_of(uid) for uid in self.buffered_uids()}:
+            self.counters["dropped_duplicate"] += len(group)
+            self.fates[group[0].prompt_uid] = "duplicate"
+            return
+        self.buffer.append((self.received, group))
+
+    def _batch_ready(self, until_groups: int | None) -> bool:
+        if until_groups is None:
+            return len(self.buffer) >= self.cfg.algo.prompts_per_step // self.cfg.learner.num
+        return self.received >= until_groups
+
+    def _take_batch(self, until_groups: int | None) -> list:
+        """The batch's groups, out of the buffer, in prompt-uid order (reproducible sums)."""
+        if until_groups is None:
+            count = self.cfg.algo.prompts_per_step // self.cfg.learner.num
+        else:
+            count = sum(ordinal <= until_groups for ordinal, _ in self.buffer)
+        taken, self.buffer = self.buffer[:count], self.buffer[count:]
+        return sorted((group for _, group in taken), key=lambda group: group[0].prompt_uid)
 
     def train_step(self, until_groups: int | None = None) -> dict:
-        """Take this rank's batch, then one IcePop step with the other ranks (none if it is empty).
-
-        The batch is prompts_per_step groups, or with C3PO++ rounds every group up to the
-        `until_groups`-th since the start: what the generators had sent when the round closed.
-        """
-        groups, wait_s = self._next_batch() if until_groups is None else self._round_batch(until_groups)
+        """One IcePop step with the other ranks on the collected batch (none if it is empty)."""
+        if not self._batch_ready(until_groups):
+            raise RuntimeError(f"learner-{self.rank}: train_step before the batch was collected")
+        groups = self._take_batch(until_groups)
+        for group in groups:
+            self.consumed_roots.add(root_of(group[0].prompt_uid))
         if not groups:
-            return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "wait_s": wait_s,
-                    "informative_groups": 0, "version": self.trainer.version}
+            return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "informative_groups": 0,
+                    "version": self.trainer.version, "fates": {}}
         informative, dropped = select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
+        trained = {id(group) for group in informative}
+        fates = {g[0].prompt_uid: "trained" if id(g) in trained else "uninformative" for g in groups}
         consumed = sum(len(g) for g in groups)
         self.counters["consumed_samples"] += consumed
         self.counters["dropped_uninformative"] += dropped * self.cfg.algo.group_size
         rewards = [t.reward for g in groups for t in g]
-        stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards), "wait_s": wait_s,
+        stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards),
                  "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
                  "informative_groups": len(informative)}
         stats.update(self._update(informative, groups))
         stats["version"] = self.trainer.version
-        return merge_rank_stats(gather_stats(stats))
+        return {**merge_rank_stats(gather_stats(stats)), "fates": fates}
 
     def _update(self, informative: list, groups: list) -> dict:
         """One optimizer step over all ranks; skipped by all when no rank has a signal."""
@@ -137,51 +219,48 @@ class Learner:
         self.counters["trained_tokens"] += stats["trained_tokens"]
         return stats
 
-    def _next_batch(self):
-        """This rank's share of prompts_per_step groups; blocks until they are all here."""
-        share = self.cfg.algo.prompts_per_step // self.cfg.learner.num
-        groups, start = [], time.perf_counter()
-        while len(groups) < share:
-            group = self.receiver.recv_group(timeout_s=self.cfg.learner.recv_timeout_s)
-            if group is None:
-                raise TimeoutError(f"learner-{self.rank} got {len(groups)}/{share} groups in "
-                                   f"{self.cfg.learner.recv_timeout_s}s at version {self.trainer.version}")
-            groups.append(group)
-        return groups, time.perf_counter() - start
-
-    def _round_batch(self, until_groups: int):
-        groups, start = [], time.perf_counter()
-        while self.groups_consumed + len(groups) < until_groups:
-            group = self.receiver.recv_group(timeout_s=self.cfg.learner.recv_timeout_s)
-            if group is None:
-                raise TimeoutError(f"learner-{self.rank} got {self.groups_consumed + len(groups)}/{until_groups} "
-                                   f"groups of the round in {self.cfg.learner.recv_timeout_s}s")
-            groups.append(group)
-        self.groups_consumed += len(groups)
-        return groups, time.perf_counter() - start
-
     def _drain(self) -> None:
-        """At the end of a run: count samples still arriving as dropped (`run_end`), until quiet."""
-        while (group := self.receiver.recv_group(timeout_s=DRAIN_QUIET_S)) is not None:
+        """At the end of a run: what is buffered or still arriving (until quiet) is dropped as `run_end`."""
+        self.absorb(DRAIN_QUIET_S)
+        for _, group in self.buffer:
             self.counters["dropped_run_end"] += len(group)
+            self.fates[group[0].prompt_uid] = "run_end"
+        self.buffer = []
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
-        return {**self.counters, **drops, "version": self.trainer.version if self.trainer else 0}
+        return {**self.counters, **drops, "pid": os.getpid(), "version": self.trainer.version if self.trainer else 0}
 
-    def save(self, directory: str) -> str:
-        """Every rank writes its shard of model, optimizer and trainer state (DCP)."""
+    def save(self, directory: str) -> list[str]:
+        """Every rank writes its shard of model, optimizer and trainer state (DCP) and its buffer;
+        returns the files this rank wrote (relative to `directory`)."""
         path = Path(directory)
-        self.trainer.save(path)
-        return str(path)
+        self.trainer.save(path / "model")
+        state = path / f"learner-{self.rank}.msgpack"
+        write_durably(state, msgpack.packb(self._state()))
+        return [state.name]
 
-    def load(self, directory: str) -> int:
-        self.trainer.load(Path(directory))
+    def load(self, directory: str, policy_only: bool = False) -> int:
+        """Take up a checkpoint: the policy (model, optimizer, version), and unless `policy_only`
+        also this rank's buffer, consumed prompts and counters."""
+        path = Path(directory)
+        self.trainer.load(path / "model")
+        if policy_only:
+            return self.trainer.version
+        state = msgpack.unpackb((path / f"learner-{self.rank}.msgpack").read_bytes())
+        self.buffer = [(ordinal, decode_group(frames)) for ordinal, frames in state["buffer"]]
+        self.received, self.consumed_roots = state["received"], set(state["consumed_roots"])
+        self.counters.update(state["counters"])
         return self.trainer.version
+
+    def _state(self) -> dict:
+        return {"buffer": [(ordinal, [bytes(frame) for frame in encode_group(group)]) for ordinal, group in self.buffer],
+                "received": self.received, "consumed_roots": sorted(self.consumed_roots),
+                "counters": dict(self.counters)}
 
     def stop(self) -> dict:
         """Called after generators and judges stopped: what is still on its way is counted, then closed."""
         if self.receiver is not None:
             self._drain()
             self.receiver.close()
-        return self.stats()
+        return {**self.stats(), "fates": self.take_fates()}

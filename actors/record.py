@@ -4,6 +4,7 @@ One JSON line per RL step (and one per evaluation), written as it happens, so a
 run that is stopped still leaves its metrics behind.
 """
 import json
+import math
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -39,6 +40,22 @@ class Recorder:
             yield
         finally:
             self.timings[f"time/{phase}_s"] += time.perf_counter() - start
+
+    def processes(self, pids: dict[str, int]) -> None:
+        """actors.json: the process id of every live actor by name (to find one, or kill one in a fault drill)."""
+        (self.run_dir / "actors.json").write_text(json.dumps(pids, indent=1))
+
+    def resume(self, step: int) -> None:
+        """Continue a run from its checkpoint after `step` steps: metrics of later steps (from the
+        timeline that was lost) are dropped, the earlier ones and the warm-up evaluation kept."""
+        path = self.run_dir / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        kept = [r for r in records if r.get("step", math.inf) < step or r.get("evaluation") == "after_warmup"]
+        self.metrics.close()
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.metrics = open(path, "a")
+        self.steps = [r for r in kept if "step" in r]
+        self.evaluations = {r["evaluation"]: r for r in kept if "evaluation" in r}
 
     def step(self, record: dict) -> None:
         record = {**record, **self.timings, "wall": time.time()}
@@ -122,23 +139,6 @@ class Recorder:
         path.write_text(json.dumps(self.summary, indent=2, default=str))
         self.metrics.close()
         return path
-
-
-def accounting(final_counters: dict) -> dict:
-    """Where every generated sample went: trained, dropped (by reason), or still in flight."""
-    def total(prefix: str, key: str) -> int:
-        return sum(c.get(key, 0) for name, c in final_counters.items() if name.startswith(prefix))
-
-    generated = total("generator", "generated_samples")
-    dropped = {"uninformative": total("learner", "dropped_uninformative")}
-    for name, counters in final_counters.items():
-        for key, value in counters.items():
-            if key.startswith("dropped_") and key != "dropped_uninformative":
-                reason = key.removeprefix("dropped_")
-                dropped[reason] = dropped.get(reason, 0) + value
-    trained = total("learner", "trained_samples")
-    return {"generated": generated, "trained": trained, "dropped": dropped,
-            "in_flight_at_end": generated - trained - sum(dropped.values())}
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

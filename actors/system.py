@@ -4,8 +4,12 @@ Naming rule for the whole package: actor methods run inside the actor and are
 called with `.remote()`; driver-side helpers that return Ray object refs without
 waiting for them start with `async_`. `call` waits for refs and turns an actor's
 failure into an `ActorFailure` naming the actor (role and rank).
+
+Generators and judges are kept by name ("generator-0", ...): a replacement takes the
+name of the actor it replaces, and with `run.on_actor_failure=continue` a dead one
+just leaves the pool. The order of `system.generators` gives their weight-group ranks.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -13,6 +17,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.generator import Generator
 from actors.judge import Judge
 from actors.learner import Learner
+from comm.auth import ChannelKeys, run_keys
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
@@ -20,25 +25,32 @@ STOP_ORDER = ("generator", "judge", "learner")
 
 
 class ActorFailure(RuntimeError):
-    pass
+    def __init__(self, actor: str, detail: str):
+        super().__init__(f"{actor} failed: {detail}")
+        self.actor = actor
 
 
 @dataclass
 class System:
-    learners: list
-    judges: list
-    generators: list
+    cfg: Config
+    keys: ChannelKeys | None  # CURVE keys of this run's channels (None on loopback)
+    learners: list = field(default_factory=list)
+    judges: dict = field(default_factory=dict)       # name -> actor
+    generators: dict = field(default_factory=dict)   # name -> actor
+    learner_endpoints: list[str] = field(default_factory=list)
+    judge_ports: dict = field(default_factory=dict)  # judge name -> the port it binds
 
     @property
     def learner(self):
         """Rank 0: publishes weights and reports each step's merged figures."""
         return self.learners[0]
 
+    @property
+    def judge_endpoints(self) -> list[str]:
+        return [f"tcp://{self.cfg.comm.host}:{port}" for port in self.judge_ports.values()]
+
     def named(self) -> dict:
-        actors = {f"learner-{i}": a for i, a in enumerate(self.learners)}
-        actors.update({f"judge-{i}": j for i, j in enumerate(self.judges)})
-        actors.update({f"generator-{i}": g for i, g in enumerate(self.generators)})
-        return actors
+        return {**{f"learner-{i}": a for i, a in enumerate(self.learners)}, **self.judges, **self.generators}
 
 
 def call(named_refs: dict, timeout_s: float | None = None) -> dict:
@@ -48,46 +60,77 @@ def call(named_refs: dict, timeout_s: float | None = None) -> dict:
         try:
             results[name] = ray.get(ref, timeout=timeout_s)
         except (RayActorError, RayTaskError, GetTimeoutError) as err:
-            raise ActorFailure(f"{name} failed: {_summary(err)}") from err
+            raise ActorFailure(name, summary(err)) from err
     return results
 
 
-def _summary(err: Exception) -> str:
+def summary(err: Exception) -> str:
+    """One line: why a call failed."""
+    if isinstance(err, RayActorError):
+        return "its process died" if "died" in str(err) else "unavailable"
     lines = [line for line in str(err).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def new_generator(system: System, name: str):
+    # threads: the watch call, a weight receive, and short calls (submit, stats, ...) beside them
+    return Generator.options(name=name, num_cpus=system.cfg.generator.num_cpus, max_concurrency=5).remote(
+        system.cfg, int(name.rsplit("-", 1)[1]), system.keys)
+
+
+def new_judge(system: System, name: str):
+    return Judge.options(name=name, num_cpus=system.cfg.judge.num_cpus, max_concurrency=2).remote(
+        system.cfg, int(name.rsplit("-", 1)[1]), system.keys)
+
+
 def start_system(cfg: Config) -> System:
-    """Create the named actors, then wire the learner group, channels and the weight group."""
-    system = System(
-        learners=[Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus).remote(cfg, i)
-                  for i in range(cfg.learner.num)],
-        judges=[Judge.options(name=f"judge-{i}", num_cpus=cfg.judge.num_cpus).remote(cfg, i)
-                for i in range(cfg.judge.num)],
-        generators=[Generator.options(name=f"generator-{i}", num_cpus=cfg.generator.num_cpus,
-                                      max_concurrency=4).remote(cfg, i)
-                    for i in range(cfg.generator.num)])
+    """Create the named actors, then wire the learner group, the channels and the weight group.
+
+    The generators are left to `start_generators` (a resumed run restores them first).
+    """
+    system = System(cfg, keys=run_keys(cfg.comm.host))
+    system.learners = [Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus).remote(cfg, i, system.keys)
+                       for i in range(cfg.learner.num)]
+    system.judges = {f"judge-{i}": new_judge(system, f"judge-{i}") for i in range(cfg.judge.num)}
+    system.generators = {f"generator-{i}": new_generator(system, f"generator-{i}") for i in range(cfg.generator.num)}
     addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
     # every learner rank must enter the group's rendezvous together
-    learner_endpoints = list(call({f"learner-{i}": a.setup.remote(addr, port)
-                                   for i, a in enumerate(system.learners)}).values())
-    judge_endpoints = list(call({f"judge-{i}": j.start.remote(learner_endpoints)
-                                 for i, j in enumerate(system.judges)}).values())
-    addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
-    world_size = 1 + len(system.generators)
-    # likewise every rank of the weight group: learner-0 and each generator
-    joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size)}
-    joins.update({f"generator-{i}": g.join_weight_group.remote(addr, port, i + 1, world_size)
-                  for i, g in enumerate(system.generators)})
-    call(joins)
-    call({f"generator-{i}": g.start.remote(judge_endpoints) for i, g in enumerate(system.generators)})
+    system.learner_endpoints = list(call({f"learner-{i}": a.setup.remote(addr, port)
+                                          for i, a in enumerate(system.learners)}).values())
+    for name, judge in system.judges.items():
+        start_judge(system, name, judge)
+    form_weight_group(system)
     return system
 
 
-def async_sync_weights(system: System) -> dict:
-    """Publish learner-0's weights (the other learners gather with it); generators receive."""
-    refs = {f"learner-{i}": a.publish.remote() for i, a in enumerate(system.learners)}
-    refs.update({f"generator-{i}": g.receive_weights.remote() for i, g in enumerate(system.generators)})
+def start_judge(system: System, name: str, judge, port: int = 0) -> None:
+    endpoint = call({name: judge.start.remote(system.learner_endpoints, port)})[name]
+    system.judge_ports[name] = int(endpoint.rsplit(":", 1)[1])
+
+
+def form_weight_group(system: System) -> None:
+    """(Re-)form the weight group: learner-0 and every generator join a fresh one together."""
+    addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
+    world_size = 1 + len(system.generators)
+    joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size)}
+    joins.update({name: g.join_weight_group.remote(addr, port, rank, world_size)
+                  for rank, (name, g) in enumerate(system.generators.items(), start=1)})
+    call(joins)
+
+
+def start_generators(system: System, names: list[str] | None = None) -> None:
+    """Start decoding on the generators `names` (default all) towards the judges."""
+    names = names or list(system.generators)
+    call({name: system.generators[name].start.remote(system.judge_endpoints) for name in names})
+
+
+def async_sync_weights(system: System, resend: bool = False) -> dict:
+    """Publish learner-0's weights (the other learners gather with it); generators receive.
+
+    `resend`: the same version again (after the weight group was re-formed, or on resume).
+    """
+    refs = async_on_learners(system, "publish")
+    refs.update({name: g.receive_weights.remote(resend) for name, g in system.generators.items()})
     return refs
 
 
@@ -96,18 +139,25 @@ def async_on_learners(system: System, method: str, *args) -> dict:
     return {f"learner-{i}": getattr(a, method).remote(*args) for i, a in enumerate(system.learners)}
 
 
+def async_on_generators(system: System, method: str, *args) -> dict:
+    return {name: getattr(g, method).remote(*args) for name, g in system.generators.items()}
+
+
 def async_stats(system: System) -> dict:
     return {name: actor.stats.remote() for name, actor in system.named().items()}
 
 
-def evaluate(system: System, prompts: list[dict]) -> dict:
-    """Greedy accuracy over `prompts`, split across the generators."""
-    shards = [prompts[i :: len(system.generators)] for i in range(len(system.generators))]
-    results = call({f"generator-{i}": g.evaluate.remote(shard)
-                    for i, (g, shard) in enumerate(zip(system.generators, shards)) if shard})
-    correct = sum(r["correct"] for r in results.values())
-    total = sum(r["total"] for r in results.values())
-    examples = [e for r in results.values() for e in r["examples"]]
+def async_evaluate(system: System, prompts: list[dict]) -> dict:
+    """Greedy evaluation of `prompts`, split across the generators (see `accuracy`)."""
+    names = list(system.generators)
+    shards = {name: prompts[i :: len(names)] for i, name in enumerate(names)}
+    return {name: system.generators[name].evaluate.remote(shard) for name, shard in shards.items() if shard}
+
+
+def accuracy(results: dict) -> dict:
+    correct = sum(r["correct"] for r in results.values() if r)
+    total = sum(r["total"] for r in results.values() if r)
+    examples = [e for r in results.values() if r for e in r["examples"]]
     return {"accuracy": correct / total, "correct": correct, "total": total, "examples": examples[:6]}
 
 
@@ -120,6 +170,6 @@ def stop_system(system: System) -> dict:
         try:
             final[name] = ray.get(actor.stop.remote(), timeout=STOP_TIMEOUT_S)
         except Exception as err:  # a dead actor still has to be killed; report, go on
-            final[name] = {"error": _summary(err)}
+            final[name] = {"error": summary(err)}
         ray.kill(actor)
     return final

@@ -1,7 +1,7 @@
 """Asynchronous (C3PO++ rounds, eta = 1) against synchronous RL on the long-tail task.
 
 One invocation: a shared warm-up checkpoint, then a synchronous and an asynchronous
-run resumed from it with the same actors and the same wall-time budget. Prints
+run started from it with the same actors and the same wall-time budget. Prints
 completed samples per second, trained tokens per second, generator busy fraction and
 held-out accuracy (at the end, and for async also at the number of samples the
 synchronous run trained), with the async/sync ratios.
@@ -54,9 +54,9 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        if not (out / "warm" / "checkpoint" / "driver.json").exists():
+        if not (out / "warm" / "checkpoints").is_dir():
             run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
-        common = [f"run.resume={out / 'warm' / 'checkpoint'}", f"run.time_budget_s={args.budget_s}",
+        common = [f"run.init_from={out / 'warm'}", f"run.time_budget_s={args.budget_s}",
                   "run.steps=100000", *extra]
         sync = figures(run_ringrl(out, "sync", "algo.mode=sync", *common))
         asyn = figures(run_ringrl(out, "async", "algo.mode=async", "algo.max_staleness=1",

@@ -4,6 +4,10 @@ Receivers (judges, learner) bind; senders (generators, judges) connect to one or
 receivers and ZeroMQ deals whole groups among them round-robin. Queues are bounded by
 high-water marks counted in messages (groups), so a slow receiver pushes back on its
 senders instead of letting memory grow.
+
+Loopback endpoints speak plain TCP. Off loopback both ends need the run's `ChannelKeys`
+(comm.auth): receivers are CURVE servers that accept only the run's client key, senders are
+CURVE clients; a receiver or sender off loopback without keys raises ValueError.
 """
 import math
 import time
@@ -12,6 +16,7 @@ from collections import Counter
 import zmq
 from loguru import logger
 
+from comm.auth import ChannelKeys, ClientGate, endpoint_host, require_keys, secure_client, secure_server
 from comm.wire import Trajectory, WireError, decode_group, encode_group
 
 SENDER_LINGER_MS = 2_000  # after close, how long queued groups may still be flushed to receivers
@@ -22,7 +27,9 @@ class ChannelTimeout(TimeoutError):
 
 
 class TrajectoryReceiver:
-    """PULL end of the channel; binds a random TCP port on `host`.
+    """PULL end of the channel; binds `port` on `host` (0: a random free port).
+
+    A receiver replacing a dead one binds the dead one's port, so its senders reconnect to it.
 
     Delivery: `recv_group` blocks up to `timeout_s` and returns one decoded group, or None when
     none arrived in time. Up to `hwm` groups wait in this socket's queue (RCVHWM); when it is
@@ -33,17 +40,43 @@ class TrajectoryReceiver:
     waiting for a valid group until its deadline. Groups still queued at `close` are discarded
     (LINGER 0). Decoded arrays are views of the received ZeroMQ frames, not copies.
 
+    With `keys` (required off loopback) the socket is a CURVE server in a private zmq.Context
+    whose ZAP handler admits only `keys.client_public`: other clients never deliver anything.
+    Handshakes with the right server key but a wrong client key are counted in `self.refused`
+    (comm.auth.ClientGate); clients without CURVE or with another server key are refused inside
+    libzmq, uncounted. `close` stops the handler's thread.
+
     Not thread-safe: create, use and close it from one thread.
     """
 
-    def __init__(self, host: str = "127.0.0.1", hwm: int = 64):
-        self._socket = zmq.Context.instance().socket(zmq.PULL)
+    def __init__(self, host: str = "127.0.0.1", hwm: int = 64, keys: ChannelKeys | None = None, port: int = 0):
+        require_keys(host, keys, "a TrajectoryReceiver")
+        self._context = zmq.Context.instance() if keys is None else zmq.Context()
+        self._gate = None if keys is None else ClientGate(self._context, keys)
+        self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, hwm)
         self._socket.setsockopt(zmq.LINGER, 0)
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        if keys is not None:
+            secure_server(self._socket, keys)
+        try:
+            if port:
+                self._socket.bind(f"tcp://{host}:{port}")
+            else:
+                port = self._socket.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError:
+            self.close()  # a CURVE receiver's ZAP thread must not outlive a failed bind
+            raise
         self.endpoint = f"tcp://{host}:{port}"
+        if self._gate is not None:
+            self._gate.name = self.endpoint
         self.dropped: Counter[str] = Counter()
-        logger.debug("trajectory receiver bound at {} (hwm={})", self.endpoint, hwm)
+        logger.debug("trajectory receiver bound at {} (hwm={}, {})", self.endpoint, hwm,
+                     "plain" if keys is None else "CURVE")
+
+    @property
+    def refused(self) -> int:
+        """CURVE handshakes refused for a wrong client key (0 for a plain receiver)."""
+        return 0 if self._gate is None else self._gate.refused
 
     def recv_group(self, timeout_s: float) -> list[Trajectory] | None:
         """The next valid group, or None if none arrives within `timeout_s` seconds."""
@@ -59,8 +92,12 @@ class TrajectoryReceiver:
                 self._count_drop(error)
 
     def close(self) -> None:
-        """Close the socket at once; queued groups are discarded."""
+        """Close the socket at once; queued groups are discarded. A CURVE receiver also stops its
+        ZAP handler and terminates its private context."""
         self._socket.close()
+        if self._gate is not None:
+            self._gate.stop()
+            self._context.term()
 
     def _count_drop(self, error: WireError) -> None:
         self.dropped[error.reason] += 1
@@ -80,19 +117,29 @@ class TrajectorySender:
     group is delivered while its receiver lives; groups queued for a receiver that died are
     lost with it. After `close`, queued groups get SENDER_LINGER_MS to flush, then are dropped.
 
+    With `keys` (required when any endpoint is off loopback) the socket is a CURVE client of the
+    run. A sender that a receiver refuses (wrong keys, or none) never delivers a group there:
+    libzmq either keeps retrying the handshake while groups pile up in the queue, or gives up on
+    the connection; either way `send_group` ends in ChannelTimeout once no queue has room.
+
     The arrays of a sent group are passed to ZeroMQ without a copy: do not modify them after
     `send_group`. Not thread-safe: use from one thread.
     """
 
-    def __init__(self, endpoints: list[str], hwm: int = 64, send_timeout_s: float = 60.0):
+    def __init__(self, endpoints: list[str], hwm: int = 64, send_timeout_s: float = 60.0,
+                 keys: ChannelKeys | None = None):
         if not endpoints:
             raise ValueError("a TrajectorySender needs at least one receiver endpoint")
+        for endpoint in endpoints:
+            require_keys(endpoint_host(endpoint), keys, f"a TrajectorySender connecting to {endpoint}")
         self.endpoints = list(endpoints)
         self._send_timeout_s = send_timeout_s
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
         self._socket.setsockopt(zmq.SNDTIMEO, math.ceil(send_timeout_s * 1000))
         self._socket.setsockopt(zmq.LINGER, SENDER_LINGER_MS)
+        if keys is not None:
+            secure_client(self._socket, keys)
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         logger.debug("trajectory sender connected to {} (hwm={})", self.endpoints, hwm)

@@ -14,6 +14,7 @@ from conf.schema import Config
 
 CONF_DIR = os.path.dirname(os.path.abspath(__file__))
 AGGREGATIONS = ("seq_mean", "token_mean", "token_budget")
+FAILURE_POLICIES = ("restart", "continue", "stop")
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,14 @@ def validate(cfg: Config) -> None:
     _validate_task(cfg)
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
+    _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
+    _require(cfg.run.on_actor_failure in FAILURE_POLICIES,
+             f"run.on_actor_failure ({cfg.run.on_actor_failure!r}) must be one of {FAILURE_POLICIES}")
+    for key in ("resume", "init_from"):
+        path = getattr(cfg.run, key)
+        _require(not path or os.path.isdir(os.path.join(path, "checkpoints")),
+                 f"run.{key} ({path!r}) is not a run directory with checkpoints")
+    _require(not (cfg.run.resume and cfg.run.init_from), "run.resume and run.init_from exclude each other")
 
 
 def _validate_task(cfg: Config) -> None:

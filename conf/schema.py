@@ -133,7 +133,9 @@ class CommConfig:
     host: str = _f("127.0.0.1", "interface the ZeroMQ endpoints and the weight group bind to")
     hwm: int = _f(64, "ZeroMQ high-water mark in groups (backpressure)")
     send_timeout_s: float = _f(120.0, "longest a send may block at the high-water mark")
-    bucket_mb: float = _f(16.0, "weight broadcast bucket size in MiB")
+    bucket_mb: float = _f(16.0, "weight broadcast bucket size in MiB (16 beat 32 and 64 on CPU/gloo: "
+                                "bench/weight_sync.py, bench/RESULTS.md; a tensor alone in its bucket is sent "
+                                "without a copy)")
     collective_timeout_s: float = _f(120.0, "timeout of every weight-group collective")
 
 
@@ -147,7 +149,14 @@ class RayConfig:
 @dataclass
 class RunConfig:
     mode: str = _f("train", "train: the RL pipeline; plan: print the model's parameter and shard plan, no actors")
-    resume: str = _f("", "checkpoint directory to resume from ('' = fresh start)")
+    resume: str = _f("", "run directory to resume from its newest complete checkpoint, with the run's own "
+                         "overrides ('' = fresh start)")
+    init_from: str = _f("", "start a new run from the policy (model, optimizer, version) of this run directory's "
+                            "newest checkpoint instead of the warm-up ('' = warm up)")
+    checkpoint_every: int = _f(50, "RL steps between checkpoints (0: only at the end); each holds the "
+                                   "model, optimizer and the whole asynchronous state")
+    on_actor_failure: str = _f("restart", "a generator or judge died: restart (replace it), continue (without "
+                                          "it) or stop the run; its prompts are re-issued")
     steps: int = _f(60, "RL steps (optimizer steps)")
     seed: int = _f(0, "torch seed of the model init and sampling")
     out_dir: str = _f("runs", "parent folder of run directories")
@@ -165,7 +174,9 @@ class PlanConfig:
     optimizer_bytes_per_param: int = _f(12, "optimizer state per parameter (fp32 master + 2 Adam moments: 12)")
     expert_parallel: int = _f(0, "EP degree of the FSDP+EP plan (0: gcd(learner.num, model.num_experts))")
     link_gbps: float = _f(400.0, "bandwidth into one generator replica for weight sync, Gbit/s")
-    bucket_efficiency: float = _f(1.0, "fraction of link_gbps the bucketed broadcast achieves (1.0 until measured)")
+    bucket_efficiency: float = _f(0.88, "fraction of link_gbps the bucketed broadcast achieves: measured ours/raw "
+                                        "bandwidth of bench/weight_sync.py (median of its 28 rows at >= 100M params, "
+                                        "1-4 subscribers, 16 MiB buckets, gloo on 2 CPUs; bench/RESULTS.md, issue 5)")
 
 
 @dataclass

@@ -32,6 +32,23 @@ class Rollout:
         """[P + C - 1, L, K]: the experts of every position fed through the model."""
         return torch.cat(self.routing)
 
+    def to_state(self) -> dict:
+        """Plain values (msgpack): what a checkpoint keeps of an unfinished rollout."""
+        routed = self.routed_experts() if self.routing else None
+        return {"uid": self.uid, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "behavior_logprobs": self.behavior_logprobs, "policy_versions": self.policy_versions,
+                "finish_reason": self.finish_reason, "pauses": self.pauses, "routing": None if routed is None else
+                {"shape": list(routed.shape), "data": routed.to(torch.int16).numpy().tobytes()}}
+
+    @staticmethod
+    def from_state(state: dict) -> "Rollout":
+        routing = state["routing"]
+        chunks = [] if routing is None else [torch.frombuffer(bytearray(routing["data"]), dtype=torch.int16)
+                                             .view(routing["shape"]).long()]
+        return Rollout(state["uid"], list(state["prompt_tokens"]), list(state["completion_tokens"]),
+                       list(state["behavior_logprobs"]), list(state["policy_versions"]), state["finish_reason"],
+                       routing=chunks, pauses=state["pauses"])
+
 
 def sample_tokens(logits_BV, temperature: float, generator: torch.Generator | None):
     """(tokens_B, logprobs_B) from softmax(logits / T); T = 0 is greedy (logprobs at T = 1)."""
@@ -65,6 +82,11 @@ class GenerationEngine:
     @property
     def num_active(self) -> int:
         return len(self._pending) + len(self._running)
+
+    @property
+    def active(self) -> list[Rollout]:
+        """The unfinished rollouts in the slots (read only)."""
+        return self._running + self._pending
 
     def add(self, uid: str, prompt_tokens: list[int]) -> None:
         self.add_rollout(Rollout(uid, list(prompt_tokens)))

@@ -45,7 +45,8 @@ def test_short_run_learns(tmp_path):
     assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
     assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
     assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
-    for name in ("learning_curve.png", "checkpoint/.metadata", "checkpoint/driver.json", "config.json"):
+    for name in ("learning_curve.png", "checkpoints/step-000040/model/.metadata", "checkpoints/step-000040/driver.json",
+                 "checkpoints/step-000040/MANIFEST.json", "config.json", "actors.json"):
         assert (tmp_path / "e2e" / name).exists(), name
 
 

@@ -1,0 +1,217 @@
+"""The driver's supervisor: every wait of the training loop also watches generators and judges.
+
+`Supervisor.call` waits for {actor name: ref} like `system.call` while one `watch` call is
+pending on every generator and judge; it fails the moment the actor's process dies. A dead
+generator or judge is then dealt with as `run.on_actor_failure` says:
+
+  restart   a new actor of the same name takes its place: a judge binds the dead one's port,
+            so the generators' sockets reconnect by themselves; a generator joins the
+            re-formed weight group, gets the current weights and starts decoding;
+  continue  the same without a replacement: the pool shrinks (not below one of each);
+  stop      the run stops with an ActorFailure naming the actor.
+
+With restart and continue, the prompts that may have died with the actor are re-issued (see
+actors/ledger.py): those the dead generator held, or for a judge those sent on by the
+generators that no learner has received. The result of a call the death broke is None: the
+dead actor's own calls, and a weight broadcast (the recovery has re-sent the weights).
+
+A dead learner ends the run: `python run.py run.resume=<run dir>` continues it from its last
+checkpoint.
+"""
+import time
+from dataclasses import asdict, dataclass
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from actors.ledger import Ledger
+from actors.system import (ActorFailure, System, async_on_learners, async_sync_weights, call, form_weight_group,
+                           new_generator, new_judge, start_generators, start_judge, summary)
+from learner.staleness import AdmissionController
+
+DEATH_GRACE_S = 10.0  # after a call fails: how long its actor's death may take to be seen
+ABSORB_QUIET_S = 0.5  # before re-issuing: learners take in what is still arriving, until this quiet
+NAME_RETRY_S = 0.2
+
+
+@dataclass
+class Fault:
+    """One dead actor, as the summary and bench/faults.py report it."""
+
+    actor: str
+    step: int
+    seen_at: float          # wall clock when its death was seen
+    cause: str = ""         # died (its process is gone) or failed: <its thread's error>
+    recovered_s: float = -1.0  # seconds from then until the pool was whole again (-1: not recovered)
+    reissued: int = 0       # prompts re-issued
+    broke: str = ""         # the calls in flight its death broke
+    learner_report: str = ""  # a broken weight broadcast: what learner-0's publish reported
+
+
+class Supervisor:
+    def __init__(self, system: System, ledger: Ledger, admission: AdmissionController, log):
+        self.system, self.ledger, self.admission, self.log = system, ledger, admission, log
+        self.policy = system.cfg.run.on_actor_failure
+        self.step = 0
+        self.faults: list[Fault] = []
+        self.last_publish: dict | None = None
+        self.watches = {name: actor.watch.remote() for name, actor in self._watched().items()}
+
+    def _watched(self) -> dict:
+        return {**self.system.generators, **self.system.judges}
+
+    def call(self, named_refs: dict, timeout_s: float | None = None, abandon_on_death: bool = False) -> dict:
+        """Results by actor name; a generator or judge dying meanwhile is dealt with first.
+
+        With `abandon_on_death` the call's other refs are given up (None) once a death was dealt
+        with: a weight broadcast with a dead member can only fail, after up to its timeout.
+        """
+        pending, results, recovered = dict(named_refs), {}, False
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending and not (recovered and abandon_on_death):
+            watching = {ref: name for name, ref in self.watches.items()}
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending.values()) + list(watching), num_returns=1, timeout=remaining)
+            if not ready:
+                raise ActorFailure(", ".join(pending), f"no answer within {timeout_s}s")
+            if ready[0] in watching:
+                self._on_death(watching[ready[0]], broke=", ".join(pending))
+                recovered = True
+                continue
+            name = next(n for n, ref in pending.items() if ref == ready[0])
+            ref = pending.pop(name)
+            try:
+                results[name] = ray.get(ref)
+            except (RayActorError, RayTaskError) as err:
+                results[name] = self._failed_call(name, err, recovered)
+                recovered = True
+        return {**results, **dict.fromkeys(pending)}
+
+    def sync_weights(self, resend: bool = False) -> dict:
+        """Publish the weights to every generator; after a death during it, the re-sent ones' result.
+
+        The broken broadcast's own outcome on learner-0 (by then over: the recovery's calls to
+        learner-0 waited behind it) is kept in the fault as `learner_report`.
+        """
+        faults = len(self.faults)
+        refs = async_sync_weights(self.system, resend)
+        results = self.call(refs, abandon_on_death=True)
+        if len(self.faults) == faults:
+            return results
+        self.faults[-1].learner_report = _cause(refs["learner-0"]).removeprefix("failed: ")
+        return self.last_publish
+
+    def _failed_call(self, name: str, err: Exception, recovered: bool):
+        """A call that failed: fine (None) if a generator or judge died under it, else fatal."""
+        if name.startswith("learner") and isinstance(err, RayActorError):
+            raise ActorFailure(name, summary(err)) from err
+        died = self._next_death(0.0 if recovered else DEATH_GRACE_S)
+        if died is None and not recovered:
+            raise ActorFailure(name, summary(err)) from err
+        if died is not None:
+            self._on_death(died, broke=f"{name}: {summary(err)}")
+        return None
+
+    def _next_death(self, grace_s: float) -> str | None:
+        """The first watched actor seen dead within `grace_s`, or None."""
+        watching = {ref: name for name, ref in self.watches.items()}
+        ready, _ = ray.wait(list(watching), num_returns=1, timeout=grace_s)
+        return watching[ready[0]] if ready else None
+
+    def _on_death(self, name: str, broke: str) -> None:
+        """`name`'s watch call ended: its process died, or its work thread failed (it is killed)."""
+        fault = Fault(name, self.step, time.time(), broke=broke)
+        self.faults.append(fault)
+        fault.cause = _cause(self.watches.pop(name))
+        self.log.error("{} {} at step {} (in flight: {})", name, fault.cause, self.step, broke or "nothing")
+        pool = self.system.generators if name.startswith("generator") else self.system.judges
+        if self.policy == "stop" or (self.policy == "continue" and len(pool) == 1):
+            self.settle({uid: "actor_lost" for uid in self._holders(name)})
+            raise ActorFailure(name, f"{fault.cause} at step {self.step} (run.on_actor_failure={self.policy})")
+        start = time.monotonic()
+        ray.kill(pool[name], no_restart=True)
+        holders = self._holders(name)
+        if self.policy == "restart":
+            self._replace(name, pool)
+        else:
+            del pool[name]
+            if name.startswith("generator"):
+                self._refresh_weight_group()
+        fault.reissued = self._reissue(holders)
+        fault.recovered_s = time.monotonic() - start
+        self.log.warning("{} {} after {:.1f}s; {} prompts re-issued", name,
+                         "replaced" if self.policy == "restart" else "left the pool", fault.recovered_s,
+                         fault.reissued)
+
+    def _holders(self, dead: str) -> set[str]:
+        """Who may still hold a prompt the dead actor took with it: every copy it owned (a
+        generator), or every copy not held by a live generator (a judge)."""
+        if dead.startswith("generator"):
+            return set(self.ledger.pending(dead))
+        live = {name: g for name, g in self.system.generators.items()}
+        held = call({name: g.holding.remote() for name, g in live.items()})
+        return set(self.ledger.pending()) - {uid for uids in held.values() for uid in uids}
+
+    def _replace(self, name: str, pool: dict) -> None:
+        actor = self._new_actor(name)
+        pool[name] = actor
+        if name.startswith("judge"):
+            start_judge(self.system, name, actor, port=self.system.judge_ports[name])
+        else:
+            self._refresh_weight_group()
+            start_generators(self.system, [name])
+        self.watches[name] = actor.watch.remote()
+
+    def _new_actor(self, name: str):
+        """A new actor under the dead one's name (Ray frees the name once the death is recorded)."""
+        make = new_generator if name.startswith("generator") else new_judge
+        for _ in range(int(DEATH_GRACE_S / NAME_RETRY_S)):
+            try:
+                return make(self.system, name)
+            except ValueError:  # the name is still taken
+                time.sleep(NAME_RETRY_S)
+        raise ActorFailure(name, f"could not be replaced: its name was not freed in {DEATH_GRACE_S}s")
+
+    def _refresh_weight_group(self) -> None:
+        """A weight group with a dead member is unusable: form a new one and send the weights again."""
+        form_weight_group(self.system)
+        self.last_publish = call(async_sync_weights(self.system, resend=True))
+
+    def _reissue(self, suspects: set[str]) -> int:
+        """Re-issue the suspects no learner has received (they absorb what is still arriving)."""
+        absorbed = call(async_on_learners(self.system, "absorb", ABSORB_QUIET_S))
+        self.settle({uid: fate for result in absorbed.values() for uid, fate in result["fates"].items()})
+        at_learners = {uid for result in absorbed.values() for uid in result["buffered"]}
+        lost = sorted(suspects.intersection(self.ledger.pending()) - at_learners)
+        retries, settled = self.ledger.reissue(lost)
+        self.admission.consume(settled * self.ledger.group_size)
+        self.submit(retries)
+        return len(retries)
+
+    def submit(self, prompts: list[dict]) -> None:
+        """Admit `prompts` (already counted by admission control) and deal them out to the generators."""
+        names = list(self.system.generators)
+        shares = {name: prompts[i :: len(names)] for i, name in enumerate(names)}
+        for name, share in shares.items():
+            self.ledger.admit(share, name)
+        self.admission.admit(len(prompts) * self.ledger.group_size)
+        self.call({name: self.system.generators[name].submit.remote(share) for name, share in shares.items()})
+
+    def settle(self, fates: dict[str, str]) -> None:
+        """Record fates in the ledger; a copy's first fate frees its place in admission control."""
+        self.admission.consume(self.ledger.settle(fates) * self.ledger.group_size)
+
+    def report(self) -> list[dict]:
+        return [asdict(fault) for fault in self.faults]
+
+
+def _cause(ref) -> str:
+    """How the call behind a finished `ref` ended: completed, died (the actor is gone) or failed: why."""
+    try:
+        ray.get(ref)
+        return "completed"
+    except RayActorError:
+        return "died"
+    except RayTaskError as err:
+        return f"failed: {summary(err)}"
+
