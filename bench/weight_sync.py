@@ -7,17 +7,25 @@ as spawned processes and join one weight group (comm.weights.init_weight_group, 
 same group, alternately, after one untimed warm-up of each:
 
   (a) ours: WeightPublisher.publish(version, fetch_from(model)) on rank 0 (bucketed, --bucket-mb,
-      includes its rendezvous, header and packing the tensors into the buckets) while every
+      includes its rendezvous, header and packing the buckets that hold several tensors) while every
       subscriber calls WeightSubscriber.receive();
-  (b) raw: one pg.broadcast of a single flat float32 buffer of the same total bytes (no packing,
+  (b) raw: one broadcast of a single flat float32 buffer of the same total bytes (no packing,
       no header, no rendezvous).
 
 Each timed operation sits between two barriers (an all-reduce on the group): the time is from
 rank 0 leaving the first barrier to rank 0 leaving the second, i.e. until every rank has the
 data. Reported: median over --repeats; bandwidth = model bytes / time (payload bytes once, not
-multiplied by N); ours/raw = bandwidth ratio; (c) pause = median time a subscriber spends
-inside receive() (median over subscribers and repeats). All ranks share this machine's CPUs
-(with 2 cores, N >= 2 means more processes than cores).
+multiplied by N); ours/raw = bandwidth ratio. And two generator figures (medians over
+subscribers and repeats):
+
+  (c) receive: the time a subscriber spends inside receive(). A generator receives on its actor
+      thread while its decode thread keeps decoding (in-flight update, actors/generator.py);
+  (d) decode pause: copying the received tensors into the model's tensors, as
+      GenerationEngine.load_weights does between two decode steps; decoding stops only for this.
+
+Every rank runs torch with one intra-op thread, as the actors do by default (learner and
+generator torch_threads). All ranks share this machine's CPUs (with 2 cores, N >= 2 means more
+processes than cores).
 
     python bench/weight_sync.py                                # 10M, 100M, 250M params; N = 1, 2
     python bench/weight_sync.py --params-m 100 500 --subscribers 1 2 4 --bucket-mb 64
@@ -36,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comm.weights import (WeightPublisher, WeightSubscriber, _broadcast, _rendezvous, fetch_from,  # noqa: E402
                           free_port, init_weight_group)
+from conf.schema import CommConfig  # noqa: E402
 
 HIDDEN = 1024
 LAYER = [("attn.qkv.weight", (3 * HIDDEN, HIDDEN)), ("attn.o.weight", (HIDDEN, HIDDEN)),
@@ -72,6 +81,7 @@ def rank_main(rank: int, world_size: int, port: int, target_params: int, bucket_
               results) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
+    torch.set_num_threads(1)
     group = init_weight_group(rank, world_size, "127.0.0.1", port, TIMEOUT_S, backend="gloo")
     if rank == 0:
         model = [(name, torch.empty(shape).uniform_(-0.02, 0.02)) for name, shape in model_shapes(target_params)]
@@ -81,32 +91,45 @@ def rank_main(rank: int, world_size: int, port: int, target_params: int, bucket_
     else:
         endpoint = WeightSubscriber(group, TIMEOUT_S)
         flat = torch.zeros(sum(endpoint.plan.bucket_numels), dtype=torch.float32)
-    pauses: list[float] = []
+        # the generator's model, loaded into after each receive: views of `flat` (saves memory; all float32)
+        views = flat.split([entry.numel for entry in endpoint.plan.entries])
+        model = {entry.name: view.view(entry.shape) for entry, view in zip(endpoint.plan.entries, views)}
+    receives: list[float] = []
+    applies: list[float] = []
+    received: dict[str, torch.Tensor] = {}
 
     def ours(version: int) -> None:
         if rank == 0:
             endpoint.publish(version, fetch_from(model))
-        else:
-            start = time.perf_counter()
-            got, _ = endpoint.receive()
-            pauses.append(time.perf_counter() - start)
-            assert got == version, (got, version)
+            return
+        start = time.perf_counter()
+        got, tensors = endpoint.receive()
+        receives.append(time.perf_counter() - start)
+        assert got == version, (got, version)
+        received.update(tensors)
+
+    def apply() -> None:
+        """On subscribers, after the timed transfer: what GenerationEngine.load_weights does."""
+        start = time.perf_counter()
+        for name, tensor in received.items():
+            model[name].copy_(tensor)
+        applies.append(time.perf_counter() - start)
 
     def raw() -> None:
         _broadcast(group, flat, TIMEOUT_S, "raw flat broadcast")
 
-    timed(group, lambda: ours(1))  # warm-up
-    timed(group, raw)
-    pauses.clear()
     ours_s, raw_s = [], []
-    for repeat in range(repeats):
-        ours_s.append(timed(group, lambda: ours(2 + repeat)))
+    for repeat in range(1 + repeats):  # repeat 0 is the warm-up
+        ours_s.append(timed(group, lambda: ours(1 + repeat)))
+        if rank != 0:
+            apply()
         raw_s.append(timed(group, raw))
+    ours_s, raw_s, receives[:], applies[:] = ours_s[1:], raw_s[1:], receives[1:], applies[1:]
     if rank == 0:
         results.put({"rank": 0, "ours_s": ours_s, "raw_s": raw_s, "bytes": endpoint.plan.total_bytes,
                      "params": total_numel, "buckets": endpoint.plan.num_buckets, "tensors": len(model)})
     else:
-        results.put({"rank": rank, "pauses": pauses})
+        results.put({"rank": rank, "receives": receives, "applies": applies})
 
 
 def run_config(target_params: int, subscribers: int, bucket_bytes: int, repeats: int, timeout_s: float) -> dict:
@@ -128,7 +151,8 @@ def run_config(target_params: int, subscribers: int, bucket_bytes: int, repeats:
     if [process.exitcode for process in processes] != [0] * world_size:
         raise RuntimeError(f"a rank failed: exit codes {[process.exitcode for process in processes]}")
     summary = next(item for item in collected if item["rank"] == 0)
-    summary["pauses"] = [p for item in collected if item["rank"] != 0 for p in item["pauses"]]
+    for key in ("receives", "applies"):
+        summary[key] = [s for item in collected if item["rank"] != 0 for s in item[key]]
     return summary
 
 
@@ -136,14 +160,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params-m", type=float, nargs="+", default=[10, 100, 250], help="model sizes, millions")
     parser.add_argument("--subscribers", type=int, nargs="+", default=[1, 2], help="generator ranks N")
-    parser.add_argument("--bucket-mb", type=float, default=16.0, help="bucket size in MiB")
+    parser.add_argument("--bucket-mb", type=float, default=CommConfig.bucket_mb,
+                        help="bucket size in MiB (default: comm.bucket_mb's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     bucket_bytes = int(args.bucket_mb * (1 << 20))
     print(f"gloo on 127.0.0.1, {os.cpu_count()} CPUs, bucket {args.bucket_mb:g} MiB, median of {args.repeats} "
           "after 1 warm-up; GB/s = model bytes / time (1e9 B)\n")
-    rows = ["| params | MB | N | buckets | ours s | ours GB/s | raw s | raw GB/s | ours/raw | generator pause s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| params | MB | N | buckets | ours s | ours GB/s | raw s | raw GB/s | ours/raw | receive s | "
+            "decode pause s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(rows), flush=True)
     started = time.perf_counter()
     for params_m in args.params_m:
@@ -153,7 +178,8 @@ def main() -> None:
             ours_bw, raw_bw = result["bytes"] / ours_s / 1e9, result["bytes"] / raw_s / 1e9
             row = (f"| {result['params'] / 1e6:.1f}M | {result['bytes'] / 1e6:,.0f} | {subscribers} | "
                    f"{result['buckets']} | {ours_s:.3f} | {ours_bw:.2f} | {raw_s:.3f} | {raw_bw:.2f} | "
-                   f"{ours_bw / raw_bw:.0%} | {statistics.median(result['pauses']):.3f} |")
+                   f"{ours_bw / raw_bw:.0%} | {statistics.median(result['receives']):.3f} | "
+                   f"{statistics.median(result['applies']):.3f} |")
             rows.append(row)
             print(row, flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s in all")

@@ -1,4 +1,4 @@
-"""Versioned, bucketed weight broadcast over torch.distributed (gloo on CPU, NCCL on GPU).
+"""Versioned, bucketed weight broadcast over gloo (CPU), torch's NCCL or cupy's NCCL (GPU).
 
 The weight group holds the publisher (rank 0, learner-0) and the subscribers (ranks 1..,
 the generators). It is a process group of its own, built from a TCP store, not the process's
@@ -8,13 +8,19 @@ bucket. The bucket plan (names, dtypes, shapes, offsets) is sent once, when the 
 subscribers are built; each publish then sends a small header [version, num_buckets] and the
 buckets. Subscribers receive into buffers allocated once from the plan.
 
-Every collective is issued with async_op=True and waited on with a timeout, so a missing or
+The buckets are pipelined: the publisher packs bucket i+1 into one of two staging buffers while
+bucket i is on the wire (at most IN_FLIGHT broadcasts outstanding), and subscribers post every
+bucket's receive before waiting on the first.
+
+Every collective is started asynchronously and waited on with a timeout, so a missing or
 stuck peer becomes a CollectiveTimeout naming role, rank, operation and version instead of a
 hang. After a CollectiveTimeout the group is unusable: every rank must destroy and re-create it.
-The same code serves NCCL: the communication buffers then live on the current CUDA device.
+With NCCL (torch's or cupy's) the communication buffers live on the current CUDA device.
 """
+import importlib.util
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +31,8 @@ import torch.distributed as dist
 from loguru import logger
 
 PUBLISHER_RANK = 0
+IN_FLIGHT = 2  # bucket broadcasts the publisher keeps outstanding, one staging buffer each
+BACKENDS = ("gloo", "nccl", "cupy-nccl")
 
 
 class CollectiveTimeout(TimeoutError):
@@ -32,26 +40,105 @@ class CollectiveTimeout(TimeoutError):
 
 
 def pick_backend() -> str:
-    """NCCL where CUDA is available, else gloo (logged)."""
-    if torch.cuda.is_available():
-        logger.info("CUDA available, using nccl for weight broadcast")
-        return "nccl"
-    logger.info("no CUDA, using gloo for weight broadcast")
-    return "gloo"
+    """cupy's NCCL with CUDA and cupy installed, torch's NCCL with CUDA alone, else gloo (logged)."""
+    if not torch.cuda.is_available():
+        logger.info("no CUDA, using gloo for weight broadcast")
+        return "gloo"
+    if importlib.util.find_spec("cupy") is not None:
+        logger.info("CUDA and cupy available, using cupy-nccl for weight broadcast")
+        return "cupy-nccl"
+    logger.info("CUDA available, cupy not installed, using torch's nccl for weight broadcast")
+    return "nccl"
 
 
-@dataclass
 class WeightGroup:
-    """A standalone process group: `pg` runs the collectives, `rank` 0 publishes."""
+    """A standalone group; rank 0 publishes.
 
-    pg: dist.ProcessGroup
-    rank: int
-    size: int
-    device: torch.device
+    `broadcast` (from rank 0, in place) and `barrier` start a collective and return a handle
+    whose `wait(timeout=timedelta)` blocks until it completed on this rank, or raises
+    RuntimeError ("timed out") when it did not in time. Collectives run in the order started.
+    """
+
+    def __init__(self, rank: int, size: int, device: torch.device):
+        self.rank, self.size, self.device = rank, size, device
 
     @property
     def role(self) -> str:
         return "learner" if self.rank == PUBLISHER_RANK else "generator"
+
+    def broadcast(self, tensor: torch.Tensor):
+        raise NotImplementedError
+
+    def barrier(self):
+        raise NotImplementedError
+
+
+class TorchGroup(WeightGroup):
+    """torch.distributed's gloo or NCCL process group."""
+
+    def __init__(self, pg: dist.ProcessGroup, rank: int, size: int, device: torch.device):
+        super().__init__(rank, size, device)
+        self.pg = pg
+
+    def broadcast(self, tensor: torch.Tensor) -> dist.Work:
+        options = dist.BroadcastOptions()
+        options.rootRank = PUBLISHER_RANK
+        return self.pg.broadcast([tensor], options)
+
+    def barrier(self) -> dist.Work:
+        """An all-reduce on a tensor of the communication device (explicit on NCCL too)."""
+        return self.pg.allreduce([torch.zeros(1, dtype=torch.int32, device=self.device)])
+
+
+class CupyNcclGroup(WeightGroup):
+    """cupy's NCCL bindings on a CUDA stream of their own, on torch tensors of the current device.
+
+    A collective waits for the work already queued on the current stream (the packing), and
+    waiting on it makes the current stream wait for the collective. cupy is imported here only.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, size: int):
+        from cupy.cuda import nccl
+        super().__init__(rank, size, torch.device("cuda", torch.cuda.current_device()))
+        self.nccl, self.stream = nccl, torch.cuda.Stream()
+        # The store's constructor returned on rank 0 once every rank had connected, so all are alive
+        # and NcclCommunicator (which has no timeout) will find them; the others wait for the id.
+        if rank == PUBLISHER_RANK:
+            store.set("cupy-nccl-id", msgpack.packb(nccl.get_unique_id()))
+        unique_id = msgpack.unpackb(store.get("cupy-nccl-id"))
+        unique_id = tuple(unique_id) if isinstance(unique_id, list) else unique_id  # cupy < 13: a tuple
+        self.comm = nccl.NcclCommunicator(size, unique_id, rank)
+
+    def broadcast(self, tensor: torch.Tensor) -> "_CudaWork":
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self.comm.broadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel() * tensor.element_size(),
+                            self.nccl.NCCL_UINT8, PUBLISHER_RANK, self.stream.cuda_stream)
+        return _CudaWork(self, tensor)
+
+    def barrier(self) -> "_CudaWork":
+        token = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self.comm.allReduce(token.data_ptr(), token.data_ptr(), 1, self.nccl.NCCL_INT32, self.nccl.NCCL_SUM,
+                            self.stream.cuda_stream)
+        return _CudaWork(self, token)
+
+
+class _CudaWork:
+    """A collective queued on a CupyNcclGroup's stream: done when the event recorded after it fired."""
+
+    def __init__(self, group: CupyNcclGroup, tensor: torch.Tensor):
+        self.group, self.tensor = group, tensor  # the tensor stays alive until the collective is done
+        self.event = torch.cuda.Event()
+        self.event.record(group.stream)
+
+    def wait(self, timeout: timedelta) -> None:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while not self.event.query():
+            if time.monotonic() >= deadline:
+                self.group.comm.abort()  # frees the stream; the group is unusable after a timeout anyway
+                raise RuntimeError("NCCL collective timed out")
+            time.sleep(1e-4)
+        torch.cuda.current_stream().wait_event(self.event)
 
 
 def init_weight_group(rank: int, world_size: int, master_addr: str, master_port: int,
@@ -59,17 +146,23 @@ def init_weight_group(rank: int, world_size: int, master_addr: str, master_port:
     """Join the weight group; blocks until all `world_size` ranks joined or `timeout_s` passed.
 
     Rank 0 (the publisher) hosts the rendezvous store on master_addr:master_port; ranks 1..
-    are generators. With NCCL, set the CUDA device before calling.
+    are generators. `backend` is one of BACKENDS, or None to pick by device (pick_backend).
+    With NCCL, set the CUDA device before calling.
     """
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"weight group backend ({backend}) must be one of {', '.join(BACKENDS)}")
     backend = backend or pick_backend()
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_addr, master_port, world_size, rank == PUBLISHER_RANK, timeout=timeout)
     store = dist.PrefixStore("ringrl-weights", store)
-    if backend == "nccl":
-        pg, device = dist.ProcessGroupNCCL(store, rank, world_size), torch.device("cuda", torch.cuda.current_device())
+    if backend == "cupy-nccl":
+        group = CupyNcclGroup(store, rank, world_size)
+    elif backend == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+        group = TorchGroup(dist.ProcessGroupNCCL(store, rank, world_size), rank, world_size, device)
     else:
-        pg, device = dist.ProcessGroupGloo(store, rank, world_size, timeout), torch.device("cpu")
-    group = WeightGroup(pg, rank, world_size, device)
+        group = TorchGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size,
+                           torch.device("cpu"))
     logger.info("joined weight group as rank {}/{} ({}) over {}", rank, world_size, group.role, backend)
     return group
 
@@ -166,9 +259,11 @@ class WeightPublisher:
 
     Blocking: the constructor returns once the plan is sent; `publish` returns once every
     bucket's broadcast has completed on this rank, and raises CollectiveTimeout if any step
-    (the rendezvous, the header, a bucket) takes longer than `timeout_s`. Nothing is queued.
-    `publish` asks `fetch` for one bucket's tensors at a time, so a sharded learner gathers
-    one bucket, not the whole model, before each broadcast.
+    (the rendezvous, the header, a bucket) takes longer than `timeout_s`. Nothing is queued
+    across calls. `publish` asks `fetch` for one bucket's tensors at a time, in bucket order, so
+    a sharded learner gathers one bucket, not the whole model, before each broadcast; it asks for
+    bucket i+1 while bucket i is still being sent. Staging memory: IN_FLIGHT of the largest
+    bucket that holds several tensors.
     """
 
     def __init__(self, group: WeightGroup, named_tensors: list[tuple[str, torch.Tensor]],
@@ -176,7 +271,10 @@ class WeightPublisher:
         self.group = group
         self.plan = plan_buckets(named_tensors, bucket_bytes)
         self._timeout_s = timeout_s
-        self._buckets = _allocate_buckets(self.plan, group.device)
+        tensors_per_bucket = Counter(entry.bucket_index for entry in self.plan.entries)
+        largest = max((self.plan.bucket_numels[index] * self.plan.bucket_dtypes[index].itemsize
+                       for index, tensors in tensors_per_bucket.items() if tensors > 1), default=0)
+        self._staging = [torch.empty(largest, dtype=torch.uint8, device=group.device) for _ in range(IN_FLIGHT)]
         payload = self.plan.to_bytes()
         size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
         # Subscribers wait in their constructor for the plan: its size first, then its bytes.
@@ -198,28 +296,42 @@ class WeightPublisher:
         header = torch.tensor([version, self.plan.num_buckets], dtype=torch.int64, device=self.group.device)
         # Subscribers wait for the header to learn the version and that the buckets follow.
         _broadcast(self.group, header, self._timeout_s, f"weight broadcast header of version {version}")
-        for index, bucket in enumerate(self._buckets):
-            self._pack(index, fetch(self.plan.bucket_names(index)))
-            # Subscribers receive bucket `index` into their flat buffer of the same dtype and size.
-            _broadcast(self.group, bucket, self._timeout_s,
-                       f"weight broadcast bucket {index + 1}/{len(self._buckets)} of version {version}")
+        in_flight = []  # (work, operation) of the buckets being sent, oldest first
+        for index in range(self.plan.num_buckets):
+            if len(in_flight) == IN_FLIGHT:  # the oldest one's staging buffer is packed next
+                work, operation = in_flight.pop(0)
+                _wait(self.group, work, self._timeout_s, operation)
+            bucket = self._pack(index, fetch(self.plan.bucket_names(index)))
+            # Subscribers posted a receive for bucket `index` into their flat buffer of the same dtype and size.
+            in_flight.append((self.group.broadcast(bucket),
+                              f"weight broadcast bucket {index + 1}/{self.plan.num_buckets} of version {version}"))
+        for work, operation in in_flight:
+            _wait(self.group, work, self._timeout_s, operation)
         seconds = time.perf_counter() - start
         logger.debug("published version {}: {:.1f} MB in {} buckets, {:.3f}s",
                      version, self.plan.total_bytes / 1e6, self.plan.num_buckets, seconds)
         return {"bytes": self.plan.total_bytes, "seconds": seconds, "buckets": self.plan.num_buckets}
 
-    def _pack(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    def _pack(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bucket `index`: a bucket's only tensor itself, contiguous on the group's device (no copy
+        if it already is; the broadcast keeps it alive), else the tensors packed into staging
+        buffer index % IN_FLIGHT (which must be free)."""
         entries = [entry for entry in self.plan.entries if entry.bucket_index == index]
         if tensors.keys() != {entry.name for entry in entries}:
             raise ValueError(f"fetch must return exactly the tensors of bucket {index}")
+        for entry in entries:
+            tensor = tensors[entry.name]
+            if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
+                raise ValueError(f"{entry.name}: {tensor.dtype} {tuple(tensor.shape)} does not match "
+                                 f"the plan's {entry.dtype} {entry.shape}")
+        if len(entries) == 1:
+            return tensors[entries[0].name].detach().to(self.group.device).contiguous().view(-1)
+        dtype, numel = self.plan.bucket_dtypes[index], self.plan.bucket_numels[index]
+        bucket = self._staging[index % IN_FLIGHT][:numel * dtype.itemsize].view(dtype)
         with torch.no_grad():
             for entry in entries:
-                tensor = tensors[entry.name]
-                if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-                    raise ValueError(f"{entry.name}: {tensor.dtype} {tuple(tensor.shape)} does not match "
-                                     f"the plan's {entry.dtype} {entry.shape}")
-                flat = self._buckets[entry.bucket_index][entry.offset:entry.offset + entry.numel]
-                flat.copy_(tensor.reshape(-1))
+                bucket[entry.offset:entry.offset + entry.numel].copy_(tensors[entry.name].reshape(-1))
+        return bucket
 
 
 class WeightSubscriber:
@@ -258,10 +370,11 @@ class WeightSubscriber:
         if num_buckets != self.plan.num_buckets:
             raise RuntimeError(f"publisher announced {num_buckets} buckets for version {version}, "
                                f"the plan has {self.plan.num_buckets}")
-        for index, bucket in enumerate(self._buckets):
-            # The publisher broadcasts bucket `index` of this version into this buffer.
-            _broadcast(self.group, bucket, self._timeout_s,
-                       f"weight broadcast bucket {index + 1}/{num_buckets} of version {version}")
+        # The publisher broadcasts the buckets of this version in order, one into each buffer: post all.
+        works = [self.group.broadcast(bucket) for bucket in self._buckets]
+        for index, work in enumerate(works):
+            _wait(self.group, work, self._timeout_s,
+                  f"weight broadcast bucket {index + 1}/{num_buckets} of version {version}")
         self._last_version = version
         return version, dict(self._views)
 
@@ -272,18 +385,14 @@ def _allocate_buckets(plan: BucketPlan, device: torch.device) -> list[torch.Tens
 
 
 def _broadcast(group: WeightGroup, tensor: torch.Tensor, timeout_s: float, operation: str) -> None:
-    options = dist.BroadcastOptions()
-    options.rootRank = PUBLISHER_RANK
-    _wait(group, group.pg.broadcast([tensor], options), timeout_s, operation)
+    _wait(group, group.broadcast(tensor), timeout_s, operation)
 
 
 def _rendezvous(group: WeightGroup, timeout_s: float, operation: str) -> None:
-    """A barrier as an all-reduce on a tensor of the communication device (explicit on NCCL too)."""
-    token = torch.zeros(1, dtype=torch.int32, device=group.device)
-    _wait(group, group.pg.allreduce([token]), timeout_s, operation)
+    _wait(group, group.barrier(), timeout_s, operation)
 
 
-def _wait(group: WeightGroup, work: dist.Work, timeout_s: float, operation: str) -> None:
+def _wait(group: WeightGroup, work, timeout_s: float, operation: str) -> None:
     start = time.monotonic()
     try:
         work.wait(timeout=timedelta(seconds=timeout_s))

@@ -107,7 +107,9 @@ def weight_sync(cfg: Config, total_params: int) -> dict[str, float]:
 
     Each replica receives the whole model at `plan.param_bytes` per parameter. The time
     assumes a pipelined broadcast (each replica on its own `plan.link_gbps` link, all
-    in parallel), so it does not grow with the number of replicas.
+    in parallel), so it does not grow with the number of replicas, at `plan.bucket_efficiency`
+    of the link: the bandwidth of our bucketed broadcast over that of one flat broadcast of
+    the same bytes, as bench/weight_sync.py measures it (bench/RESULTS.md).
     """
     replica_bytes = total_params * cfg.plan.param_bytes
     bytes_per_s = cfg.plan.link_gbps * 1e9 / 8 * cfg.plan.bucket_efficiency

@@ -92,6 +92,14 @@ def test_plan_mode_prints_totals_without_ray():
     assert re.search(r"^  active per token +51\.054B", result.stdout, re.MULTILINE)
     assert "all 64 replicas" in result.stdout
     assert "Ray" not in result.stdout + result.stderr
+    # the sync time uses the measured bucket efficiency (plan.bucket_efficiency's default)
+    replica_gb = re.search(r"^  per generator replica +([\d,.]+) GB", result.stdout, re.MULTILINE).group(1)
+    projected = re.search(r"^  projected time +([\d.]+) s at 400 Gbit/s per replica x bucket efficiency ([\d.]+) ",
+                          result.stdout, re.MULTILINE)
+    efficiency = Config().plan.bucket_efficiency
+    assert float(projected.group(2)) == efficiency
+    assert float(projected.group(1)) == pytest.approx(float(replica_gb.replace(",", "")) / (400 / 8 * efficiency),
+                                                      abs=0.05)
 
 
 def test_unknown_run_mode_is_rejected():
