@@ -4,11 +4,9 @@ Each run must finish (after `run.resume` where the learner or the driver died) w
 generated sample trained or dropped with a reason, and none trained twice. Actor process ids
 come from the run's actors.json, which the driver rewrites every step.
 """
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,49 +14,20 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.conftest import REPO_ROOT
+import bench.faults as drills
+from bench.faults import finish, pid_of, resume, step_records, summary_of, wait_for_step
 
 pytestmark = pytest.mark.slow
 
-QUICK = ("learner.warmup_steps=100", "task.eval_prompts=32", "run.progress=false", "ray.dashboard=false")
-RUN_TIMEOUT_S = 400
+QUICK = ("learner.warmup_steps=100",)
 
 
 def start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    args = [sys.executable, "run.py", f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", *QUICK, *overrides]
-    return subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def resume(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "run.py", f"run.resume={run_dir}", *overrides], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, returncode: int = 0) -> str:
-    output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == returncode, output[-4000:]
-    return output
+    return drills.start(run_dir, *QUICK, *overrides)
 
 
 def steps_done(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return sum('"step"' in line for line in path.read_text().splitlines()) if path.exists() else 0
-
-
-def wait_for_step(run_dir: Path, steps: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while steps_done(run_dir) < steps:
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, f"{run_dir} did not reach step {steps}"
-        time.sleep(0.2)
-
-
-def pid_of(run_dir: Path, actor: str) -> int:
-    return json.loads((run_dir / "actors.json").read_text())[actor]
-
-
-def summary_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
+    return len(step_records(run_dir))
 
 
 def assert_finished_and_accounted(run_dir: Path, steps: int) -> dict:
