@@ -27,6 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.ledger import Ledger
 from actors.system import (ActorFailure, System, async_on_learners, async_sync_weights, call, form_weight_group,
                            new_generator, new_judge, start_generators, start_judge, summary)
+from comm.weights import abort_weight_group
 from learner.staleness import AdmissionController
 
 DEATH_GRACE_S = 10.0  # after a call fails: how long its actor's death may take to be seen
@@ -98,8 +99,10 @@ class Supervisor:
         results = self.call(refs, abandon_on_death=True)
         if len(self.faults) == faults:
             return results
-        self.faults[-1].learner_report = _cause(refs["learner-0"]).removeprefix("failed: ")
-        return self.last_publish
+        for fault in self.faults[faults:]:
+            if fault.actor.startswith("generator"):
+                fault.learner_report = _cause(refs["learner-0"]).removeprefix("failed: ")
+        return self.last_publish or results
 
     def _failed_call(self, name: str, err: Exception, recovered: bool):
         """A call that failed: fine (None) if a generator or judge died under it, else fatal."""
@@ -125,11 +128,13 @@ class Supervisor:
         fault.cause = _cause(self.watches.pop(name))
         self.log.error("{} {} at step {} (in flight: {})", name, fault.cause, self.step, broke or "nothing")
         pool = self.system.generators if name.startswith("generator") else self.system.judges
+        start = time.monotonic()
+        ray.kill(pool[name], no_restart=True)
+        if name.startswith("generator"):  # ranks waiting in the weight group for it give up now
+            abort_weight_group(*self.system.weight_store, reason=f"{name} {fault.cause} at step {self.step}")
         if self.policy == "stop" or (self.policy == "continue" and len(pool) == 1):
             self.settle({uid: "actor_lost" for uid in self._holders(name)})
             raise ActorFailure(name, f"{fault.cause} at step {self.step} (run.on_actor_failure={self.policy})")
-        start = time.monotonic()
-        ray.kill(pool[name], no_restart=True)
         holders = self._holders(name)
         if self.policy == "restart":
             self._replace(name, pool)

@@ -39,6 +39,7 @@ class System:
     generators: dict = field(default_factory=dict)   # name -> actor
     learner_endpoints: list[str] = field(default_factory=list)
     judge_ports: dict = field(default_factory=dict)  # judge name -> the port it binds
+    weight_store: tuple[str, int] = ("", 0)          # rendezvous store of the current weight group
 
     @property
     def learner(self):
@@ -111,6 +112,7 @@ def start_judge(system: System, name: str, judge, port: int = 0) -> None:
 def form_weight_group(system: System) -> None:
     """(Re-)form the weight group: learner-0 and every generator join a fresh one together."""
     addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
+    system.weight_store = (addr, port)
     world_size = 1 + len(system.generators)
     joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size)}
     joins.update({name: g.join_weight_group.remote(addr, port, rank, world_size)

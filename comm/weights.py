@@ -14,7 +14,10 @@ bucket's receive before waiting on the first.
 
 Every collective is started asynchronously and waited on with a timeout, so a missing or
 stuck peer becomes a CollectiveTimeout naming role, rank, operation and version instead of a
-hang. After a CollectiveTimeout the group is unusable: every rank must destroy and re-create it.
+hang. A peer that died can leave a live rank waiting for another live rank (gloo does not pass
+the failure on), so the driver, which sees the death, can also `abort_weight_group`: a key in the
+group's store that every rank checks each WAIT_SLICE_S while it waits, raising CollectiveAborted.
+After either the group is unusable: every rank must drop it and join a new one.
 With NCCL (torch's or cupy's) the communication buffers live on the current CUDA device.
 """
 import importlib.util
@@ -31,12 +34,19 @@ import torch.distributed as dist
 from loguru import logger
 
 PUBLISHER_RANK = 0
+STORE_PREFIX = "ringrl-weights"
+ABORT_KEY = "abort"
+WAIT_SLICE_S = 1.0  # how often a waiting rank looks for an abort
 IN_FLIGHT = 2  # bucket broadcasts the publisher keeps outstanding, one staging buffer each
 BACKENDS = ("gloo", "nccl", "cupy-nccl")
 
 
 class CollectiveTimeout(TimeoutError):
     """A collective of the weight group that did not complete within its timeout."""
+
+
+class CollectiveAborted(RuntimeError):
+    """A collective of the weight group given up because the driver aborted the group."""
 
 
 def pick_backend() -> str:
@@ -61,6 +71,16 @@ class WeightGroup:
 
     def __init__(self, rank: int, size: int, device: torch.device):
         self.rank, self.size, self.device = rank, size, device
+        self.store: dist.Store | None = None  # the rendezvous store, where an abort is posted
+
+    def abort_reason(self) -> str | None:
+        """Why the driver aborted this group, or None."""
+        if self.store is None or not self.store.check([ABORT_KEY]):
+            return None
+        return self.store.get(ABORT_KEY).decode()
+
+    def abandon(self) -> None:
+        """Release what a timed-out or aborted collective still holds (NCCL: the communicator)."""
 
     @property
     def role(self) -> str:
@@ -115,6 +135,9 @@ class CupyNcclGroup(WeightGroup):
                             self.nccl.NCCL_UINT8, PUBLISHER_RANK, self.stream.cuda_stream)
         return _CudaWork(self, tensor)
 
+    def abandon(self) -> None:
+        self.comm.abort()  # frees the stream of the collective that will never complete
+
     def barrier(self) -> "_CudaWork":
         token = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream())
@@ -135,7 +158,6 @@ class _CudaWork:
         deadline = time.monotonic() + timeout.total_seconds()
         while not self.event.query():
             if time.monotonic() >= deadline:
-                self.group.comm.abort()  # frees the stream; the group is unusable after a timeout anyway
                 raise RuntimeError("NCCL collective timed out")
             time.sleep(1e-4)
         torch.cuda.current_stream().wait_event(self.event)
@@ -154,7 +176,7 @@ def init_weight_group(rank: int, world_size: int, master_addr: str, master_port:
     backend = backend or pick_backend()
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_addr, master_port, world_size, rank == PUBLISHER_RANK, timeout=timeout)
-    store = dist.PrefixStore("ringrl-weights", store)
+    store = dist.PrefixStore(STORE_PREFIX, store)
     if backend == "cupy-nccl":
         group = CupyNcclGroup(store, rank, world_size)
     elif backend == "nccl":
@@ -163,8 +185,17 @@ def init_weight_group(rank: int, world_size: int, master_addr: str, master_port:
     else:
         group = TorchGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size,
                            torch.device("cpu"))
+    group.store = store
     logger.info("joined weight group as rank {}/{} ({}) over {}", rank, world_size, group.role, backend)
     return group
+
+
+def abort_weight_group(master_addr: str, master_port: int, reason: str, timeout_s: float = 10.0) -> None:
+    """From any process: every rank of the group at master_addr:master_port gives up its
+    collectives within WAIT_SLICE_S, raising CollectiveAborted(reason)."""
+    store = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    dist.PrefixStore(STORE_PREFIX, store).set(ABORT_KEY, reason)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -393,15 +424,24 @@ def _rendezvous(group: WeightGroup, timeout_s: float, operation: str) -> None:
 
 
 def _wait(group: WeightGroup, work, timeout_s: float, operation: str) -> None:
+    """Wait in slices of WAIT_SLICE_S: done, or failed, aborted or timed out with a named error."""
     start = time.monotonic()
-    try:
-        work.wait(timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as error:
-        elapsed = time.monotonic() - start
-        where = f"on rank {group.rank} ({group.role})"
-        if elapsed >= timeout_s * 0.99 or "timed out" in str(error).lower():
-            raise CollectiveTimeout(f"{operation} timed out after {timeout_s}s {where}") from error
-        raise RuntimeError(f"{operation} failed after {elapsed:.2f}s {where}: {error}") from error
+    where = f"on rank {group.rank} ({group.role})"
+    while True:
+        remaining = timeout_s - (time.monotonic() - start)
+        try:
+            work.wait(timeout=timedelta(seconds=max(min(WAIT_SLICE_S, remaining), 1e-3)))
+            return
+        except RuntimeError as error:
+            elapsed = time.monotonic() - start
+            if "timed out" not in str(error).lower():
+                raise RuntimeError(f"{operation} failed after {elapsed:.2f}s {where}: {error}") from error
+            if (reason := group.abort_reason()) is not None:
+                group.abandon()
+                raise CollectiveAborted(f"{operation} aborted after {elapsed:.2f}s {where}: {reason}") from error
+            if elapsed >= timeout_s * 0.99:
+                group.abandon()
+                raise CollectiveTimeout(f"{operation} timed out after {timeout_s}s {where}") from error
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -5,14 +5,16 @@ The `gpu` tests run the same broadcast over torch's NCCL and cupy's NCCL, one ra
 import functools
 import importlib.util
 import re
+import threading
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from comm.weights import (BucketPlan, CollectiveTimeout, WeightPublisher, WeightSubscriber, _broadcast, _rendezvous,
-                          fetch_from, free_port, init_weight_group, pick_backend, plan_buckets)
+from comm.weights import (WAIT_SLICE_S, BucketPlan, CollectiveAborted, CollectiveTimeout, WeightPublisher,
+                          WeightSubscriber, _broadcast, _rendezvous, abort_weight_group, fetch_from, free_port,
+                          init_weight_group, pick_backend, plan_buckets)
 
 BUCKET_BYTES = 4096
 WORLD_SIZE = 3
@@ -71,19 +73,19 @@ def subscriber_main(rank: int, port: int, out_path: str, receives: int, world_si
     torch.save(received, out_path)
 
 
-def timed_out_main(rank: int, port: int, out_path: str) -> None:
+def timed_out_main(rank: int, port: int, out_path: str, timeout_s: float) -> None:
     """Publish (rank 0) or receive (rank 1) once while rank 2 never calls receive."""
     group = init_weight_group(rank, WORLD_SIZE, "127.0.0.1", port, SHORT_TIMEOUT_S, backend="gloo")
     if rank == 0:
-        publisher = WeightPublisher(group, model_tensors(0), BUCKET_BYTES, SHORT_TIMEOUT_S)
+        publisher = WeightPublisher(group, model_tensors(0), BUCKET_BYTES, timeout_s)
         transfer = functools.partial(publisher.publish, 1, fetch_from(model_tensors(1)))
     else:
-        transfer = WeightSubscriber(group, SHORT_TIMEOUT_S).receive
+        transfer = WeightSubscriber(group, timeout_s).receive
     start = time.monotonic()
     try:
         transfer()
         outcome = {"error": None}
-    except CollectiveTimeout as error:
+    except (CollectiveTimeout, CollectiveAborted) as error:
         outcome = {"error": str(error)}
     outcome["seconds"] = time.monotonic() - start
     del group  # after a timeout the group is unusable: drop it; recovery builds a new one
@@ -208,15 +210,20 @@ def test_backend_by_device(monkeypatch):
         init_weight_group(0, 1, "127.0.0.1", free_port(), 1.0, backend="mpi")
 
 
-def publish_with_rank_2_away(tmp_path, away_main) -> tuple[dict, dict]:
-    """The outcomes of publish (rank 0) and receive (rank 1) while rank 2 runs `away_main`."""
+def publish_with_rank_2_away(tmp_path, away_main, timeout_s: float = SHORT_TIMEOUT_S,
+                             abort_after_s: float | None = None) -> tuple[dict, dict]:
+    """The outcomes of publish (rank 0) and receive (rank 1) while rank 2 runs `away_main`;
+    with `abort_after_s`, this process aborts the group (as the driver does) that much later."""
     port = free_port()
     release = mp.get_context("spawn").Event()
     away = mp.get_context("spawn").Process(target=away_main, args=(port, release))
     away.start()
+    if abort_after_s is not None:
+        abort = threading.Timer(abort_after_s, abort_weight_group, args=("127.0.0.1", port, "generator-2 died"))
+        abort.start()
     try:
-        run_processes([(timed_out_main, (rank, port, str(tmp_path / f"rank{rank}.pt"))) for rank in (0, 1)],
-                      timeout_s=60)
+        run_processes([(timed_out_main, (rank, port, str(tmp_path / f"rank{rank}.pt"), timeout_s))
+                       for rank in (0, 1)], timeout_s=60)
     finally:
         release.set()
         away.join(30)
@@ -232,6 +239,17 @@ def test_missing_subscriber_becomes_collective_timeout(tmp_path):
                                    f"{SHORT_TIMEOUT_S}s on rank 1 (generator)")
     for outcome in (publisher, subscriber):
         assert SHORT_TIMEOUT_S * 0.9 <= outcome["seconds"] <= SHORT_TIMEOUT_S * 2
+
+
+def test_aborted_group_gives_up_long_before_its_timeout(tmp_path):
+    """The driver saw a generator die: every rank stops waiting within a slice, naming the reason."""
+    publisher, subscriber = publish_with_rank_2_away(tmp_path, absent_main, timeout_s=60.0, abort_after_s=1.0)
+    assert re.fullmatch(r"weight broadcast rendezvous of version 1 aborted after [\d.]+s on rank 0 \(learner\): "
+                        r"generator-2 died", publisher["error"])
+    assert re.fullmatch(r"weight broadcast rendezvous \(after version None\) aborted after [\d.]+s on rank 1 "
+                        r"\(generator\): generator-2 died", subscriber["error"])
+    for outcome in (publisher, subscriber):
+        assert outcome["seconds"] < 1.0 + 2 * WAIT_SLICE_S + 2
 
 
 def test_subscriber_stalled_between_buckets_becomes_collective_timeout(tmp_path):
