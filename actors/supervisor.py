@@ -61,15 +61,16 @@ class Supervisor:
     def _watched(self) -> dict:
         return {**self.system.generators, **self.system.judges}
 
-    def call(self, named_refs: dict, timeout_s: float | None = None, abandon_on_death: bool = False) -> dict:
+    def call(self, named_refs: dict, timeout_s: float | None = None, is_broadcast: bool = False) -> dict:
         """Results by actor name; a generator or judge dying meanwhile is dealt with first.
 
-        With `abandon_on_death` the call's other refs are given up (None) once a death was dealt
-        with: a weight broadcast with a dead member can only fail, after up to its timeout.
+        For a weight broadcast (`is_broadcast`), the other refs are given up (None) once a dead
+        generator was dealt with: a broadcast with a dead member can only fail.
         """
         pending, results, recovered = dict(named_refs), {}, False
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while pending and not (recovered and abandon_on_death):
+        broken = self._generator_faults()
+        while pending and not (is_broadcast and self._generator_faults() > broken):
             watching = {ref: name for name, ref in self.watches.items()}
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = ray.wait(list(pending.values()) + list(watching), num_returns=1, timeout=remaining)
@@ -94,15 +95,16 @@ class Supervisor:
         The broken broadcast's own outcome on learner-0 (by then over: the recovery's calls to
         learner-0 waited behind it) is kept in the fault as `learner_report`.
         """
-        faults = len(self.faults)
+        before = len(self.faults)
         refs = async_sync_weights(self.system, resend)
-        results = self.call(refs, abandon_on_death=True)
-        if len(self.faults) == faults:
-            return results
-        for fault in self.faults[faults:]:
-            if fault.actor.startswith("generator"):
-                fault.learner_report = _cause(refs["learner-0"]).removeprefix("failed: ")
-        return self.last_publish or results
+        results = self.call(refs, is_broadcast=True)
+        broke = [fault for fault in self.faults[before:] if fault.actor.startswith("generator")]
+        for fault in broke:
+            fault.learner_report = _cause(refs["learner-0"]).removeprefix("failed: ")
+        return self.last_publish if broke else results
+
+    def _generator_faults(self) -> int:
+        return sum(fault.actor.startswith("generator") for fault in self.faults)
 
     def _failed_call(self, name: str, err: Exception, recovered: bool):
         """A call that failed: fine (None) if a generator or judge died under it, else fatal."""
