@@ -12,6 +12,7 @@ just leaves the pool. The order of `system.generators` gives their weight-group 
 from dataclasses import dataclass, field
 
 import ray
+from loguru import logger
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.generator import Generator
@@ -90,6 +91,8 @@ def start_system(cfg: Config) -> System:
     The generators are left to `start_generators` (a resumed run restores them first).
     """
     system = System(cfg, keys=run_keys(cfg.comm.host))
+    logger.info("trajectory channels on {}: {}", cfg.comm.host,
+                "plain TCP (loopback)" if system.keys is None else "CURVE, keys made for this run")
     system.learners = [Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus).remote(cfg, i, system.keys)
                        for i in range(cfg.learner.num)]
     system.judges = {f"judge-{i}": new_judge(system, f"judge-{i}") for i in range(cfg.judge.num)}

@@ -67,6 +67,16 @@ def test_synchronous_mode_has_zero_lag(tmp_path, mode):
     assert_every_sample_accounted_for(summary)
 
 
+def test_off_loopback_channels_are_curve_authenticated(tmp_path):
+    proc = run_ringrl(tmp_path, "comm.host=0.0.0.0", "learner.warmup_steps=50", "run.steps=3")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "trajectory channels on 0.0.0.0: CURVE, keys made for this run" in output
+    summary, steps = read_run(tmp_path)
+    assert summary["status"] == "finished" and len(steps) == 3
+    assert_every_sample_accounted_for(summary)
+
+
 def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path):
     proc = run_ringrl(tmp_path, "algo.round_token_budget=600", "algo.max_pauses=0", "learner.warmup_steps=20",
                       "run.steps=6")
