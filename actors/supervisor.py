@@ -132,8 +132,8 @@ class Supervisor:
         pool = self.system.generators if name.startswith("generator") else self.system.judges
         start = time.monotonic()
         ray.kill(pool[name], no_restart=True)
-        if name.startswith("generator"):  # ranks waiting in the weight group for it give up now
-            abort_weight_group(*self.system.weight_store, reason=f"{name} {fault.cause} at step {self.step}")
+        if name.startswith("generator"):
+            self._abort_weight_group(f"{name} {fault.cause} at step {self.step}")
         if self.policy == "stop" or (self.policy == "continue" and len(pool) == 1):
             self.settle({uid: "actor_lost" for uid in self._holders(name)})
             raise ActorFailure(name, f"{fault.cause} at step {self.step} (run.on_actor_failure={self.policy})")
@@ -149,6 +149,13 @@ class Supervisor:
         self.log.warning("{} {} after {:.1f}s; {} prompts re-issued", name,
                          "replaced" if self.policy == "restart" else "left the pool", fault.recovered_s,
                          fault.reissued)
+
+    def _abort_weight_group(self, reason: str) -> None:
+        """Ranks waiting in the weight group for the dead generator give up now, not at their timeout."""
+        try:
+            abort_weight_group(*self.system.weight_store, reason=reason)
+        except RuntimeError as err:  # its store is gone with learner-0: nobody is left waiting on it
+            self.log.warning("could not abort the weight group: {}", summary(err))
 
     def _holders(self, dead: str) -> set[str]:
         """Who may still hold a prompt the dead actor took with it: every copy it owned (a
