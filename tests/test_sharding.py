@@ -1,4 +1,5 @@
 """Sharded learners on real gloo process groups: FSDP2 gradients and DCP resume."""
+import os
 import numpy as np
 import pytest
 import torch
@@ -65,9 +66,12 @@ def gradient_worker(rank: int, world: int, port: int, aggregation: str, out: str
 
 
 def leave_group() -> None:
-    """Both ranks leave together: a rank exiting with a live gloo group can abort at teardown."""
+    """Both ranks leave together and exit at once: under load, interpreter teardown with gloo's
+    threads still being destroyed sometimes aborted a rank ("terminate called without an active
+    exception") after its work and results were complete."""
     dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def spawn(worker, world: int, *args) -> None:
