@@ -1,5 +1,6 @@
 """Sharded learners on real gloo process groups: FSDP2 gradients and DCP resume."""
 import os
+
 import numpy as np
 import pytest
 import torch
