@@ -60,7 +60,7 @@ def main() -> None:
                   "run.steps=100000", *extra]
         sync = figures(run_ringrl(out, "sync", "algo.mode=sync", *common))
         asyn = figures(run_ringrl(out, "async", "algo.mode=async", "algo.max_staleness=1",
-                                  f"algo.round_token_budget={args.round_tokens}",
+                                  f"algo.round_token_budget={args.round_tokens}", "run.on_actor_failure=stop",
                                   f"run.eval_at_trained_samples={sync['trained samples']}", *common))
     print(f"{'figure':36} {'sync':>10} {'async':>10} {'async/sync':>11}")
     for key in sync:

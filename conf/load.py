@@ -119,6 +119,11 @@ def validate(cfg: Config) -> None:
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
     _require(cfg.run.on_actor_failure in FAILURE_POLICIES,
              f"run.on_actor_failure ({cfg.run.on_actor_failure!r}) must be one of {FAILURE_POLICIES}")
+    # a round's batch is counted in groups each generator sent since it started: a replacement
+    # (or a missing generator) would leave the count short, and the round would never complete
+    _require(not (a.round_token_budget and a.mode == "async") or cfg.run.on_actor_failure == "stop",
+             f"algo.round_token_budget ({a.round_token_budget}) needs run.on_actor_failure=stop "
+             f"(not {cfg.run.on_actor_failure}): C3PO++ rounds cannot take in a replaced generator")
     for key in ("resume", "init_from"):
         path = getattr(cfg.run, key)
         _require(not path or os.path.isdir(os.path.join(path, "checkpoints")),

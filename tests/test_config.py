@@ -24,6 +24,9 @@ def test_defaults_and_overrides():
     ("generator.max_new_tokens=64", "model.max_seq_len"),
     ("algo.aggregation=token_budget", "algo.token_budget"),
     ("task.name=chess", "task.name"),
+    ("algo.round_token_budget=600", "run.on_actor_failure=stop"),
+    ("run.on_actor_failure=retry", "run.on_actor_failure"),
+    ("run.resume=/no/such/run", "run.resume"),
 ])
 def test_bad_override_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

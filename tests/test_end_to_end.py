@@ -78,8 +78,8 @@ def test_off_loopback_channels_are_curve_authenticated(tmp_path):
 
 
 def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path):
-    proc = run_ringrl(tmp_path, "algo.round_token_budget=600", "algo.max_pauses=0", "learner.warmup_steps=20",
-                      "run.steps=6")
+    proc = run_ringrl(tmp_path, "algo.round_token_budget=600", "algo.max_pauses=0", "run.on_actor_failure=stop",
+                      "learner.warmup_steps=20", "run.steps=6")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     summary, steps = read_run(tmp_path)
