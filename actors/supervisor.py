@@ -61,21 +61,17 @@ class Supervisor:
     def _watched(self) -> dict:
         return {**self.system.generators, **self.system.judges}
 
-    def call(self, named_refs: dict, timeout_s: float | None = None, is_broadcast: bool = False) -> dict:
+    def call(self, named_refs: dict, is_broadcast: bool = False) -> dict:
         """Results by actor name; a generator or judge dying meanwhile is dealt with first.
 
         For a weight broadcast (`is_broadcast`), the other refs are given up (None) once a dead
         generator was dealt with: a broadcast with a dead member can only fail.
         """
         pending, results, recovered = dict(named_refs), {}, False
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         broken = self._generator_faults()
         while pending and not (is_broadcast and self._generator_faults() > broken):
             watching = {ref: name for name, ref in self.watches.items()}
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _ = ray.wait(list(pending.values()) + list(watching), num_returns=1, timeout=remaining)
-            if not ready:
-                raise ActorFailure(", ".join(pending), f"no answer within {timeout_s}s")
+            ready, _ = ray.wait(list(pending.values()) + list(watching), num_returns=1)
             if ready[0] in watching:
                 self._on_death(watching[ready[0]], broke=", ".join(pending))
                 recovered = True
@@ -134,17 +130,17 @@ class Supervisor:
         ray.kill(pool[name], no_restart=True)
         if name.startswith("generator"):
             self._abort_weight_group(f"{name} {fault.cause} at step {self.step}")
+        suspects = self._lost_with(name)
         if self.policy == "stop" or (self.policy == "continue" and len(pool) == 1):
-            self.settle({uid: "actor_lost" for uid in self._holders(name)})
+            self.settle({uid: "actor_lost" for uid in suspects})
             raise ActorFailure(name, f"{fault.cause} at step {self.step} (run.on_actor_failure={self.policy})")
-        holders = self._holders(name)
         if self.policy == "restart":
             self._replace(name, pool)
         else:
             del pool[name]
             if name.startswith("generator"):
                 self._refresh_weight_group()
-        fault.reissued = self._reissue(holders)
+        fault.reissued = self._reissue(suspects)
         fault.recovered_s = time.monotonic() - start
         self.log.warning("{} {} after {:.1f}s; {} prompts re-issued", name,
                          "replaced" if self.policy == "restart" else "left the pool", fault.recovered_s,
@@ -157,13 +153,12 @@ class Supervisor:
         except RuntimeError as err:  # its store is gone with learner-0: nobody is left waiting on it
             self.log.warning("could not abort the weight group: {}", summary(err))
 
-    def _holders(self, dead: str) -> set[str]:
-        """Who may still hold a prompt the dead actor took with it: every copy it owned (a
-        generator), or every copy not held by a live generator (a judge)."""
+    def _lost_with(self, dead: str) -> set[str]:
+        """Prompt copies that may have died with `dead`: every pending copy it owned (a generator),
+        or every pending copy no live generator holds (a judge: it may have had any of them)."""
         if dead.startswith("generator"):
             return set(self.ledger.pending(dead))
-        live = {name: g for name, g in self.system.generators.items()}
-        held = call({name: g.holding.remote() for name, g in live.items()})
+        held = call({name: g.holding.remote() for name, g in self.system.generators.items()})
         return set(self.ledger.pending()) - {uid for uids in held.values() for uid in uids}
 
     def _replace(self, name: str, pool: dict) -> None:
