@@ -123,7 +123,7 @@ def collect_batch(cfg: Config, sup: Supervisor, until_groups: int | None) -> Non
     last_count, last_change = -1, time.monotonic()
     while True:
         results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, until_groups))
-        sup.settle({uid: fate for r in results.values() for uid, fate in r["fates"].items()})
+        sup.settle_reported(results)
         if all(r["ready"] for r in results.values()):
             return
         count = sum(len(r["buffered"]) for r in results.values())
@@ -136,7 +136,7 @@ def collect_batch(cfg: Config, sup: Supervisor, until_groups: int | None) -> Non
 
 def train_step(sup: Supervisor, until_groups: int | None) -> dict:
     results = sup.call(async_on_learners(sup.system, "train_step", until_groups))
-    sup.settle({uid: fate for r in results.values() for uid, fate in r.pop("fates").items()})
+    sup.settle_reported(results)
     return results["learner-0"]
 
 
@@ -146,7 +146,7 @@ def checkpoint(cfg: Config, sup: Supervisor, progress: Progress, run_dir: Path, 
     system = sup.system
     snapshots = {n: s for n, s in sup.call(async_on_generators(system, "hold")).items() if s is not None}
     try:
-        sup.settle({uid: fate for s in snapshots.values() for uid, fate in s.pop("fates").items()})
+        sup.settle_reported(snapshots)
         held = {uid for s in snapshots.values() for uid in [*s["meta"], *(p["uid"] for p in s["queued"])]}
         if not drain_to_learners(cfg, sup, progress.ledger, held, log):
             return None
@@ -165,7 +165,7 @@ def drain_to_learners(cfg: Config, sup: Supervisor, ledger: Ledger, held: set[st
     deadline = time.monotonic() + cfg.learner.recv_timeout_s
     while True:
         absorbed = sup.call(async_on_learners(sup.system, "absorb", ABSORB_QUIET_S))
-        sup.settle({uid: fate for r in absorbed.values() for uid, fate in r["fates"].items()})
+        sup.settle_reported(absorbed)
         on_the_way = set(ledger.pending()) - held - {uid for r in absorbed.values() for uid in r["buffered"]}
         if not on_the_way:
             return True
@@ -281,7 +281,7 @@ def run(cfg: Config, argv: list[str], log) -> int:
             final = stop_system(system)
             extra = {"actors": final, "faults": sup.report() if sup else []}
             if sup:
-                sup.settle({uid: fate for counters in final.values() for uid, fate in counters.pop("fates", {}).items()})
+                sup.settle_reported(final)
                 extra["samples"] = sup.ledger.totals()
             summary = recorder.finish(status, extra)
     log.info("summary: {}", summary)

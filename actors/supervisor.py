@@ -189,7 +189,7 @@ class Supervisor:
     def _reissue(self, suspects: set[str]) -> int:
         """Re-issue the suspects no learner has received (they absorb what is still arriving)."""
         absorbed = call(async_on_learners(self.system, "absorb", ABSORB_QUIET_S))
-        self.settle({uid: fate for result in absorbed.values() for uid, fate in result["fates"].items()})
+        self.settle_reported(absorbed)
         at_learners = {uid for result in absorbed.values() for uid in result["buffered"]}
         lost = sorted(suspects.intersection(self.ledger.pending()) - at_learners)
         retries, settled = self.ledger.reissue(lost)
@@ -209,6 +209,11 @@ class Supervisor:
     def settle(self, fates: dict[str, str]) -> None:
         """Record fates in the ledger; a copy's first fate frees its place in admission control."""
         self.admission.consume(self.ledger.settle(fates) * self.ledger.group_size)
+
+    def settle_reported(self, results: dict) -> None:
+        """Settle the fates that actors' results carry under "fates" (taken out of each result)."""
+        self.settle({uid: fate for result in results.values() if result
+                     for uid, fate in result.pop("fates", {}).items()})
 
     def report(self) -> list[dict]:
         return [asdict(fault) for fault in self.faults]
