@@ -4,7 +4,7 @@ Shape legend: B sequences, T positions of the shifted sequence (prompt + complet
 Position t of the inputs predicts token t + 1; only positions whose target is a
 completion token are real (`mask_BT`), so prompt and padding carry no loss.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -26,6 +26,11 @@ class TrainBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.mask_BT.sum())
+
+    def to(self, device: torch.device) -> "TrainBatch":
+        """The same batch with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TrainBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
 
 
 def group_rewards(groups) -> torch.Tensor:

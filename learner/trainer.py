@@ -3,7 +3,12 @@
 Each RL batch is one optimizer step, so theta_old (the weights before the update)
 are exactly the weights of the step's own forward pass: pi_train(theta_old) is the
 detached forward, no second pass needed. The policy version counts optimizer steps.
+
+On CUDA the forward runs under bf16 autocast while parameters, gradients and AdamW state
+stay float32 (master weights); log-probabilities, IcePop ratios and advantages are float32.
 """
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +36,11 @@ class Trainer:
                                            weight_decay=learner.weight_decay)
         self.version = 0
 
+    def _autocast(self):
+        """bf16 autocast for the forward on CUDA; float32 throughout on CPU."""
+        device = next(self.model.parameters()).device
+        return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
     def _optimizer_step(self, loss, lr: float) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -45,14 +55,16 @@ class Trainer:
     def sft_step(self, inputs_BT, targets_BT, mask_BT) -> dict:
         """Cross-entropy on the completion tokens of warm-up demonstrations (+ weighted MTP losses)."""
         self.model.train()
-        hidden_BTD, _ = self.model.hidden_states(inputs_BT)
-        logits_BTV = self.model.logits(hidden_BTD)
-        loss = F.cross_entropy(logits_BTV[mask_BT], targets_BT[mask_BT])
+        with self._autocast():
+            hidden_BTD, _ = self.model.hidden_states(inputs_BT)
+            logits_BTV = self.model.logits(hidden_BTD)
+            mtp_logits_list = self.model.mtp_logits(hidden_BTD, inputs_BT)
+        loss = F.cross_entropy(logits_BTV[mask_BT].float(), targets_BT[mask_BT])
         stats = {"sft_loss": loss.item()}
-        for depth, mtp_logits in enumerate(self.model.mtp_logits(hidden_BTD, inputs_BT), start=1):
+        for depth, mtp_logits in enumerate(mtp_logits_list, start=1):
             mtp_mask = mask_BT[:, depth:]
             if mtp_mask.any():
-                mtp_loss = F.cross_entropy(mtp_logits[mtp_mask], targets_BT[:, depth:][mtp_mask])
+                mtp_loss = F.cross_entropy(mtp_logits[mtp_mask].float(), targets_BT[:, depth:][mtp_mask])
                 loss = loss + self.cfg.mtp_loss_weight * mtp_loss
                 stats[f"mtp{depth}_loss"] = mtp_loss.item()
         stats["grad_norm"] = self._optimizer_step(loss, self.cfg.warmup_lr)
@@ -72,7 +84,8 @@ class Trainer:
     def rl_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
         """The IcePop loss of `batch` under the current weights, and its statistics."""
         self.model.train()
-        logits_BTV = self.model(batch.inputs_BT, replay_BTLK=batch.replay_BTLK)
+        with self._autocast():
+            logits_BTV = self.model(batch.inputs_BT, replay_BTLK=batch.replay_BTLK)
         logp_new_BT = sequence_logprobs(logits_BTV, batch.targets_BT, self.temperature)
         lag_BT = self.version - batch.versions_BT
         loss, stats = icepop_loss(logp_new_BT, logp_new_BT.detach(), batch.behavior_logprobs_BT,

@@ -38,7 +38,7 @@ class Rollout:
         return {"uid": self.uid, "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "behavior_logprobs": self.behavior_logprobs, "policy_versions": self.policy_versions,
                 "finish_reason": self.finish_reason, "pauses": self.pauses, "routing": None if routed is None else
-                {"shape": list(routed.shape), "data": routed.to(torch.int16).numpy().tobytes()}}
+                {"shape": list(routed.shape), "data": routed.to(torch.int16).cpu().numpy().tobytes()}}
 
     @staticmethod
     def from_state(state: dict) -> "Rollout":
@@ -62,14 +62,21 @@ def sample_tokens(logits_BV, temperature: float, generator: torch.Generator | No
 
 
 class GenerationEngine:
+    """Runs on the model's device, in the model's parameter dtype (bf16 on CUDA, float32 on CPU):
+    the KV cache, the token and slot tensors, the sampling RNG and the routing records live
+    there; sampling's log-probs are float32. One host synchronisation per step: the sampled
+    tokens and their log-probs, which the rollouts keep as Python lists."""
+
     def __init__(self, model: MoECausalLM, max_slots: int, max_len: int, eos_id: int, pad_id: int,
                  max_new_tokens: int, temperature: float, seed: int = 0, record_routing: bool = False):
         self.model = model.eval()
+        weight = model.embed.weight
+        self.device = weight.device
         self.record_routing = record_routing
-        self.cache = KVCache(model.cfg, max_slots, max_len)
+        self.cache = KVCache(model.cfg, max_slots, max_len, device=self.device, dtype=weight.dtype)
         self.eos_id, self.pad_id = eos_id, pad_id
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.rng = torch.Generator().manual_seed(seed)
+        self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.version = 0
         self._free = list(range(max_slots - 1, -1, -1))
         self._pending: list[Rollout] = []
@@ -143,23 +150,23 @@ class GenerationEngine:
     def _prefill(self, rollouts: list[Rollout]) -> list[Rollout]:
         """Feed each rollout's whole sequence so far (a resumed one has completion tokens too)."""
         sequences = [r.prompt_tokens + r.completion_tokens for r in rollouts]
-        lengths_B = torch.tensor([len(seq) for seq in sequences])
-        tokens_BT = torch.full((len(rollouts), int(lengths_B.max())), self.pad_id, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            tokens_BT[row, : len(seq)] = torch.tensor(seq)
-        slots_B = torch.tensor([r.slot for r in rollouts])
+        lengths = [len(seq) for seq in sequences]
+        rows = [seq + [self.pad_id] * (max(lengths) - len(seq)) for seq in sequences]
+        tokens_BT = torch.tensor(rows, device=self.device)
+        lengths_B = torch.tensor(lengths, device=self.device)
+        slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
         self.cache.lengths[slots_B] = 0
         logits_BTV, routing_BTLK = self.model.forward_routed(tokens_BT, self.cache, slots_B)
         self.cache.lengths[slots_B] = lengths_B
         if self.record_routing:
             for row, r in enumerate(rollouts):
                 r.routing = [routing_BTLK[row, : len(sequences[row])]]
-        last_logits_BV = logits_BTV[torch.arange(len(rollouts)), lengths_B - 1]
+        last_logits_BV = logits_BTV[torch.arange(len(rollouts), device=self.device), lengths_B - 1]
         return self._append(rollouts, last_logits_BV)
 
     def _decode(self, rollouts: list[Rollout]) -> list[Rollout]:
-        tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts])
-        slots_B = torch.tensor([r.slot for r in rollouts])
+        tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts], device=self.device)
+        slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
         logits_B1V, routing_B1LK = self.model.forward_routed(tokens_B1, self.cache, slots_B)
         self.cache.lengths[slots_B] += 1
         if self.record_routing:

@@ -59,11 +59,12 @@ class KVCache:
     advances `lengths` once it knows how many of the new tokens were real.
     """
 
-    def __init__(self, cfg: ModelConfig, slots: int, max_len: int):
+    def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        self.keys = torch.zeros(shape)
-        self.values = torch.zeros(shape)
-        self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.max_len = max_len
 
 
@@ -90,7 +91,7 @@ class Attention(nn.Module):
             out = self._attend(q, k, v, mask=None)
         else:
             keys, values = self._write_cache(cache, k, v, positions_BT, slots_B)
-            key_positions_L = torch.arange(cache.max_len)
+            key_positions_L = torch.arange(cache.max_len, device=x_BTD.device)
             mask_BTL = key_positions_L[None, None, :] <= positions_BT[:, :, None]
             out = self._attend(q, keys, values, mask=mask_BTL[:, None])
         return self.o_proj(out.reshape(B, T, -1))
@@ -151,7 +152,8 @@ class MoE(nn.Module):
         mixing weights are computed, from this router's own scores.
         """
         cfg = self.cfg
-        scores_NE = torch.sigmoid(x_ND.float() @ self.router.float().t())
+        with torch.autocast(x_ND.device.type, enabled=False):  # router scores stay fp32 under bf16 autocast
+            scores_NE = torch.sigmoid(x_ND.float() @ self.router.float().t())
         if replay_ids_NK is None:
             choice_NE = scores_NE.detach() + self.expert_bias
             if cfg.num_expert_groups > 1:
@@ -204,7 +206,7 @@ class MoE(nn.Module):
         outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
                    for gate, up, down, x_MD in experts if x_MD.shape[0]]
         y_pairs = torch.cat(outputs) * weights_NK.flatten()[order, None]
-        return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs)
+        return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs.to(x_ND.dtype))
 
     def experts_reference(self, x_ND, topk_ids_NK, weights_NK):
         """Per-token, per-choice loop: the test reference for `experts_batched`."""
@@ -259,7 +261,7 @@ class MTPLayer(nn.Module):
         """The normed output, for the shared lm_head and the next depth."""
         B, T, _ = hidden_BTD.shape
         x_BTD = self.eh_proj(torch.cat([self.embed_norm(next_embeds_BTD), self.hidden_norm(hidden_BTD)], -1))
-        x_BTD, _ = self.block(x_BTD, torch.arange(T).expand(B, T), None, None)
+        x_BTD, _ = self.block(x_BTD, torch.arange(T, device=x_BTD.device).expand(B, T), None, None)
         return self.final_norm(x_BTD)
 
 
@@ -308,10 +310,11 @@ class MoECausalLM(nn.Module):
         the experts of every token in each MoE layer instead of letting the router pick.
         """
         B, T = tokens_BT.shape
+        steps_T = torch.arange(T, device=tokens_BT.device)
         if cache is None:
-            positions_BT = torch.arange(T).expand(B, T)
+            positions_BT = steps_T.expand(B, T)
         else:
-            positions_BT = cache.lengths[slots_B][:, None] + torch.arange(T)
+            positions_BT = cache.lengths[slots_B][:, None] + steps_T
         x_BTD, routing, moe_index = self.embed(tokens_BT), [], 0
         for block in self.blocks:
             replay_BTK = None
