@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.moe import KVCache, MoECausalLM
+from model.moe import KVCache, MoECausalLM, profiled
 
 
 @dataclass
@@ -175,8 +175,10 @@ class GenerationEngine:
         return self._append(rollouts, logits_B1V[:, 0])
 
     def _append(self, rollouts: list[Rollout], logits_BV) -> list[Rollout]:
-        tokens_B, logprobs_B = sample_tokens(logits_BV, self.temperature, self.rng)
-        for r, token, logprob in zip(rollouts, tokens_B.tolist(), logprobs_B.tolist()):
+        with profiled("sampling"):
+            tokens_B, logprobs_B = sample_tokens(logits_BV, self.temperature, self.rng)
+            tokens, logprobs = tokens_B.tolist(), logprobs_B.tolist()
+        for r, token, logprob in zip(rollouts, tokens, logprobs):
             r.completion_tokens.append(token)
             r.behavior_logprobs.append(logprob)
             r.policy_versions.append(self.version)

@@ -12,12 +12,20 @@ bias used only to pick experts, group-limited top-k, renormalised top-k weights
 times a routed scaling factor, plus shared experts.
 """
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from conf.schema import ModelConfig
+
+
+def profiled(name: str):
+    """A `ringrl::<name>` range for torch's profiler (bench/mfu.py splits time by them); a no-op
+    context when no profiler runs, so a decode step pays nothing for the labels."""
+    return record_function(f"ringrl::{name}") if torch.autograd._profiler_enabled() else nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -82,6 +90,10 @@ class Attention(nn.Module):
         self.rotary = PartialRotary(cfg)
 
     def forward(self, x_BTD, positions_BT, cache: KVCache | None, slots_B):
+        with profiled("attention"):
+            return self._forward(x_BTD, positions_BT, cache, slots_B)
+
+    def _forward(self, x_BTD, positions_BT, cache: KVCache | None, slots_B):
         B, T, _ = x_BTD.shape
         q = self.q_norm(self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim))
@@ -180,12 +192,14 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
         replay_ids_NK = None if replay_ids_BTK is None else replay_ids_BTK.reshape(B * T, -1)
-        topk_ids_NK, weights_NK = self.route(x_ND, replay_ids_NK)
+        with profiled("router"):
+            topk_ids_NK, weights_NK = self.route(x_ND, replay_ids_NK)
         if self.training:
             self.expert_load += torch.bincount(topk_ids_NK.flatten(), minlength=self.cfg.num_experts)
         y_ND = self.experts_batched(x_ND, topk_ids_NK, weights_NK)
         if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND)
+            with profiled("dense_ffn"):
+                y_ND = y_ND + self.shared(x_ND)
         return y_ND.view(B, T, D), topk_ids_NK.view(B, T, -1)
 
     def expert_ffn(self, e: int, x_MD):
@@ -194,19 +208,22 @@ class MoE(nn.Module):
 
     def experts_batched(self, x_ND, topk_ids_NK, weights_NK):
         """Sort (token, expert) pairs by expert and run one matmul chain per expert."""
-        K = topk_ids_NK.shape[1]
-        flat_ids = topk_ids_NK.flatten()
-        order = flat_ids.argsort(stable=True)
-        token_of_pair = order // K
-        counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
-        chunks = x_ND.index_select(0, token_of_pair).split(counts)
+        with profiled("expert_dispatch"):
+            K = topk_ids_NK.shape[1]
+            flat_ids = topk_ids_NK.flatten()
+            order = flat_ids.argsort(stable=True)
+            token_of_pair = order // K
+            counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
+            chunks = x_ND.index_select(0, token_of_pair).split(counts)
         # unbind's backward stacks all experts' gradients once; indexing self.gate_proj[e]
         # instead would write a full-size zero gradient per expert
-        experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), chunks)
-        outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
-                   for gate, up, down, x_MD in experts if x_MD.shape[0]]
-        y_pairs = torch.cat(outputs) * weights_NK.flatten()[order, None]
-        return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs.to(x_ND.dtype))
+        with profiled("expert_matmuls"):
+            experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), chunks)
+            outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
+                       for gate, up, down, x_MD in experts if x_MD.shape[0]]
+        with profiled("expert_dispatch"):
+            y_pairs = torch.cat(outputs) * weights_NK.flatten()[order, None]
+            return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs.to(x_ND.dtype))
 
     def experts_reference(self, x_ND, topk_ids_NK, weights_NK):
         """Per-token, per-choice loop: the test reference for `experts_batched`."""
@@ -238,7 +255,8 @@ class Block(nn.Module):
         """(output_BTD, topk_ids_BTK or None for a dense block)."""
         x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, cache, slots_B)
         if not self.is_moe:
-            return x_BTD + self.ffn(self.post_attn_norm(x_BTD)), None
+            with profiled("dense_ffn"):
+                return x_BTD + self.ffn(self.post_attn_norm(x_BTD)), None
         ffn_out, topk_ids_BTK = self.ffn(self.post_attn_norm(x_BTD), replay_ids_BTK)
         return x_BTD + ffn_out, topk_ids_BTK
 
