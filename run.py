@@ -25,7 +25,7 @@ from actors.system import (ActorFailure, accuracy, async_evaluate, async_on_gene
                            async_stats, call, start_generators, start_system, stop_system)
 from actors.tasks import build_task
 from comm.logs import setup_logging
-from conf.load import ConfigError, load_config
+from conf.load import ConfigError, load_config, resolve_gpus
 from conf.schema import Config
 from learner.checkpoint import CheckpointError, latest_valid, publish, staging_dir, write_durably
 from learner.staleness import AdmissionController
@@ -77,6 +77,8 @@ def ray_session(cfg: Config, namespace: str, log):
                            include_dashboard=cfg.ray.dashboard)
     log.info("Ray dashboard: {}", f"http://{context.dashboard_url}" if context.dashboard_url else "off")
     try:
+        resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))  # before any actor starts
+        log.info("GPUs per actor: learner {:g}, generator {:g}", cfg.learner.num_gpus, cfg.generator.num_gpus)
         yield
     finally:
         ray.shutdown()  # an attached cluster keeps running; only this job's actors go
@@ -208,7 +210,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
             with recorder.timer("eval"):
                 stats["eval_accuracy"] = accuracy(sup.call(async_evaluate(sup.system, eval_prompts)))["accuracy"]
         recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
-                       "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
+                       "weight_sync_bytes": sync["learner-0"]["bytes"], "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
         if cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0 and progress.step < cfg.run.steps:
             with recorder.timer("checkpoint"):
                 checkpoint(cfg, sup, progress, recorder.run_dir, log)
@@ -279,7 +281,7 @@ def run(cfg: Config, argv: list[str], log) -> int:
             log.error("{}", err)
         finally:
             final = stop_system(system)
-            extra = {"actors": final, "faults": sup.report() if sup else []}
+            extra = {"actors": final, "weight_path": system.weight_path, "faults": sup.report() if sup else []}
             if sup:
                 sup.settle_reported(final)
                 extra["samples"] = sup.ledger.totals()
@@ -292,13 +294,13 @@ def main(argv: list[str]) -> int:
     log = setup_logging("driver")
     try:
         cfg = load_config(with_run_overrides(argv))
-    except ConfigError as err:
+        if cfg.run.mode == "plan":
+            print(plan_report(cfg))
+            return 0
+        return run(cfg, argv, log)
+    except ConfigError as err:  # at load, or against the Ray cluster's GPUs before any actor starts
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if cfg.run.mode == "plan":
-        print(plan_report(cfg))
-        return 0
-    return run(cfg, argv, log)
 
 
 if __name__ == "__main__":

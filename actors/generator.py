@@ -25,6 +25,7 @@ from actors.tasks import build_task
 from comm.auth import ChannelKeys
 from comm.channel import TrajectorySender
 from comm.logs import setup_logging
+from comm.placement import Placement, cast_parameters, compute_dtype, place_here
 from comm.weights import WeightSubscriber, init_weight_group
 from comm.wire import Trajectory
 from conf.schema import Config
@@ -42,7 +43,10 @@ class Generator:
         torch.set_num_threads(cfg.generator.torch_threads)
         torch.manual_seed(cfg.run.seed)
         self.task = build_task(cfg.task)
-        self.model = MoECausalLM(cfg.model).eval()
+        self.placement = place_here(f"generator-{rank}", cfg.generator.device,
+                                    ray.get_runtime_context().get_node_id(), ray.get_gpu_ids())
+        model = cast_parameters(MoECausalLM(cfg.model), compute_dtype(self.placement))
+        self.model = model.to(self.placement.torch_device()).eval()
         tok = self.task.tokenizer
         self.engine = GenerationEngine(self.model, cfg.generator.max_slots, cfg.model.max_seq_len,
                                        tok.eos_id, tok.pad_id, cfg.generator.max_new_tokens,
@@ -73,9 +77,13 @@ class Generator:
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
-    def join_weight_group(self, addr: str, port: int, weight_rank: int, world_size: int) -> None:
-        """Join (or, after a peer died, re-join) the weight group as `weight_rank`."""
-        group = init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s)
+    def placement_info(self) -> Placement:
+        return self.placement
+
+    def join_weight_group(self, addr: str, port: int, weight_rank: int, world_size: int, path: str) -> None:
+        """Join (or, after a peer died, re-join) the weight group as `weight_rank`, over `path`."""
+        group = init_weight_group(weight_rank, world_size, addr, port, self.cfg.comm.collective_timeout_s,
+                                  backend=path, model_device=self.placement.torch_device())
         self.subscriber = WeightSubscriber(group, self.cfg.comm.collective_timeout_s)
 
     def watch(self) -> None:
@@ -197,7 +205,8 @@ class Generator:
 
     def stats(self) -> dict:
         self._raise_if_failed()
-        return {**self.counters, "pid": os.getpid(), "busy_s": self.busy_s, "version": self.engine.version,
+        return {**self.counters, "pid": os.getpid(), "device": self.placement.describe(), "busy_s": self.busy_s,
+                "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}
 
@@ -350,7 +359,7 @@ class Generator:
         routed = None
         if self.engine.record_routing:
             expert_dtype = np.uint8 if self.cfg.model.num_experts <= 256 else np.int16
-            routed = rollout.routed_experts().numpy().astype(expert_dtype)
+            routed = rollout.routed_experts().cpu().numpy().astype(expert_dtype)
         return Trajectory(
             uid=rollout.uid, prompt_uid=prompt["uid"], group=int(rollout.uid.rsplit("/", 1)[1]),
             prompt_tokens=np.asarray(rollout.prompt_tokens, dtype=np.int32),

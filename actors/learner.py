@@ -30,7 +30,8 @@ from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
 from actors.ledger import root_of
-from comm.weights import WeightPublisher, free_port, init_weight_group, plan_buckets
+from comm.placement import Placement, place_here
+from comm.weights import WeightPublisher, free_port, init_weight_group
 from comm.wire import decode_group, encode_group
 from conf.schema import Config
 from learner.checkpoint import write_durably
@@ -52,7 +53,11 @@ class Learner:
         torch.set_num_threads(cfg.learner.torch_threads)
         torch.manual_seed(cfg.run.seed)
         self.task = build_task(cfg.task)
-        self.model = MoECausalLM(cfg.model)
+        self.placement = place_here(f"learner-{rank}", cfg.learner.device,
+                                    ray.get_runtime_context().get_node_id(), ray.get_gpu_ids())
+        self.device = self.placement.torch_device()
+        self.model = MoECausalLM(cfg.model).to(self.device)  # float32 master weights on either device
+        self.wire_dtypes: dict[str, torch.dtype] = {}  # what each weight travels in to the generators
         self.trainer: Trainer | None = None
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
@@ -70,19 +75,29 @@ class Learner:
     def setup(self, addr: str, port: int) -> str:
         """Join the learner group, shard the model, bind the inbound channel; returns its endpoint."""
         if self.cfg.learner.num > 1:
-            init_learner_group(self.rank, self.cfg.learner.num, addr, port, self.cfg.comm.collective_timeout_s)
+            init_learner_group(self.rank, self.cfg.learner.num, addr, port, self.cfg.comm.collective_timeout_s,
+                               self.device)
         self.model = shard_model(self.model)
         self.trainer = Trainer(self.model, self.cfg.learner, self.cfg.algo, self.cfg.generator.temperature)
         self.receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm, keys=self.keys)
         return self.receiver.endpoint
 
-    def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
-        group = init_weight_group(0, world_size, addr, port, self.cfg.comm.collective_timeout_s)
-        self.publisher = WeightPublisher(group, self._weights(), self._bucket_bytes(),
-                                         self.cfg.comm.collective_timeout_s)
+    def placement_info(self) -> Placement:
+        return self.placement
 
-    def _bucket_bytes(self) -> int:
-        return int(self.cfg.comm.bucket_mb * 2**20)
+    def set_wire_dtype(self, dtype: torch.dtype) -> None:
+        """Floating parameters travel to the generators in `dtype` (what they compute in); buffers
+        (the expert bias) as they are. Every learner rank needs it: they gather together."""
+        params = {name for name, _ in self.model.named_parameters()}
+        self.wire_dtypes = {name: dtype if name in params else tensor.dtype for name, tensor in self._weights()}
+
+    def join_weight_group(self, addr: str, port: int, world_size: int, path: str) -> None:
+        group = init_weight_group(0, world_size, addr, port, self.cfg.comm.collective_timeout_s,
+                                  backend=path, model_device=self.device)
+        on_wire = [(name, torch.empty(tensor.shape, dtype=self.wire_dtypes[name], device="meta"))
+                   for name, tensor in self._weights()]
+        self.publisher = WeightPublisher(group, on_wire, int(self.cfg.comm.bucket_mb * 2**20),
+                                         self.cfg.comm.collective_timeout_s)
 
     def _weights(self) -> list[tuple[str, torch.Tensor]]:
         """What generators need: parameters and persistent buffers (the expert bias)."""
@@ -95,34 +110,37 @@ class Learner:
         start, stats = time.perf_counter(), {}
         for _ in range(self.cfg.learner.warmup_steps):
             pairs = [self.task.demonstration(rng) for _ in range(per_rank)]
-            stats = self.trainer.sft_step(*collate_demonstrations(pairs, self.task.tokenizer.pad_id))
+            batch = collate_demonstrations(pairs, self.task.tokenizer.pad_id)
+            stats = self.trainer.sft_step(*(tensor.to(self.device) for tensor in batch))
         return {**stats, "warmup_s": time.perf_counter() - start}
 
     def publish(self) -> dict:
         """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0.
 
-        The other ranks gather every bucket of the plan. If the broadcast breaks (a generator
-        died), rank 0 still gathers the buckets it had not reached, so that no rank is left
-        waiting in an all-gather, then raises.
+        Each weight is gathered whole (an all-gather over the learners when sharded), in the
+        plan's order, one bucket at a time on rank 0; the other ranks make the same all-gathers.
+        If the broadcast breaks (a generator died), rank 0 still gathers the weights it had not
+        reached, so that no rank is left waiting in an all-gather, then raises.
         """
         state = dict(self._weights())
-        fetched = 0
+        gathered: set[str] = set()
 
         def fetch(names: list[str]) -> dict[str, torch.Tensor]:
-            nonlocal fetched
-            fetched += 1
-            return {name: full_tensor(state[name]) for name in names}
+            gathered.update(names)
+            return {name: full_tensor(state[name]).to(self.wire_dtypes[name]) for name in names}
 
-        plan = plan_buckets(list(state.items()), self._bucket_bytes())
+        def gather_the_rest() -> None:
+            for name in state:
+                if name not in gathered:
+                    fetch([name])
+
         if self.publisher is None:
-            for index in range(plan.num_buckets):
-                fetch(plan.bucket_names(index))  # the all-gathers rank 0 is doing for this bucket
+            gather_the_rest()  # the all-gathers rank 0 is making, in the same order
             return {"version": self.trainer.version}
         try:
             return {**self.publisher.publish(self.trainer.version, fetch), "version": self.trainer.version}
         except Exception:
-            for index in range(fetched, plan.num_buckets):
-                fetch(plan.bucket_names(index))
+            gather_the_rest()
             raise
 
     def collect(self, wait_s: float, until_groups: int | None = None) -> dict:
@@ -203,7 +221,7 @@ class Learner:
     def _update(self, informative: list, groups: list) -> dict:
         """One optimizer step over all ranks; skipped by all when no rank has a signal."""
         # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
-        batch = collate(informative or groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std)
+        batch = collate(informative or groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std).to(self.device)
         local_count = self.trainer.aggregation_count(batch) if informative else 0
         (global_count,) = all_reduce_sum([local_count])
         if global_count == 0:
@@ -229,7 +247,8 @@ class Learner:
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
-        return {**self.counters, **drops, "pid": os.getpid(), "version": self.trainer.version if self.trainer else 0}
+        return {**self.counters, **drops, "pid": os.getpid(), "device": self.placement.describe(),
+                "version": self.trainer.version if self.trainer else 0}
 
     def save(self, directory: str) -> list[str]:
         """Every rank writes its shard of model, optimizer and trainer state (DCP) and its buffer;

@@ -19,6 +19,7 @@ from actors.generator import Generator
 from actors.judge import Judge
 from actors.learner import Learner
 from comm.auth import ChannelKeys, run_keys
+from comm.placement import weight_path, wire_dtype
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
@@ -41,6 +42,7 @@ class System:
     learner_endpoints: list[str] = field(default_factory=list)
     judge_ports: dict = field(default_factory=dict)  # judge name -> the port it binds
     weight_store: tuple[str, int] = ("", 0)          # rendezvous store of the current weight group
+    weight_path: str = ""                            # how weights travel: gloo | nccl | cupy-nccl | cuda-ipc
 
     @property
     def learner(self):
@@ -76,7 +78,8 @@ def summary(err: Exception) -> str:
 
 def new_generator(system: System, name: str):
     # threads: the watch call, a weight receive, and short calls (submit, stats, ...) beside them
-    return Generator.options(name=name, num_cpus=system.cfg.generator.num_cpus, max_concurrency=5).remote(
+    return Generator.options(name=name, num_cpus=system.cfg.generator.num_cpus, num_gpus=system.cfg.generator.num_gpus,
+                             max_concurrency=5).remote(
         system.cfg, int(name.rsplit("-", 1)[1]), system.keys)
 
 
@@ -93,7 +96,8 @@ def start_system(cfg: Config) -> System:
     system = System(cfg, keys=run_keys(cfg.comm.host))
     logger.info("trajectory channels on {}: {}", cfg.comm.host,
                 "plain TCP (loopback)" if system.keys is None else "CURVE, keys made for this run")
-    system.learners = [Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus).remote(cfg, i, system.keys)
+    system.learners = [Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus,
+                                       num_gpus=cfg.learner.num_gpus).remote(cfg, i, system.keys)
                        for i in range(cfg.learner.num)]
     system.judges = {f"judge-{i}": new_judge(system, f"judge-{i}") for i in range(cfg.judge.num)}
     system.generators = {f"generator-{i}": new_generator(system, f"generator-{i}") for i in range(cfg.generator.num)}
@@ -113,12 +117,21 @@ def start_judge(system: System, name: str, judge, port: int = 0) -> None:
 
 
 def form_weight_group(system: System) -> None:
-    """(Re-)form the weight group: learner-0 and every generator join a fresh one together."""
+    """(Re-)form the weight group: learner-0 and every generator join a fresh one together, over
+    the path that where their tensors live allows, with weights in the generators' dtype."""
+    placements = call({"learner-0": system.learner.placement_info.remote(),
+                       **{name: g.placement_info.remote() for name, g in system.generators.items()}})
+    subscribers = [placements[name] for name in system.generators]
+    path, why = weight_path(placements["learner-0"], subscribers)
+    if path != system.weight_path:
+        logger.info("weight sync over {}: {}", path, why)
+    system.weight_path = path
+    call(async_on_learners(system, "set_wire_dtype", wire_dtype(subscribers)))
     addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
     system.weight_store = (addr, port)
     world_size = 1 + len(system.generators)
-    joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size)}
-    joins.update({name: g.join_weight_group.remote(addr, port, rank, world_size)
+    joins = {"learner-0": system.learner.join_weight_group.remote(addr, port, world_size, path)}
+    joins.update({name: g.join_weight_group.remote(addr, port, rank, world_size, path)
                   for rank, (name, g) in enumerate(system.generators.items(), start=1)})
     call(joins)
 

@@ -1,4 +1,4 @@
-"""Versioned, bucketed weight broadcast over gloo (CPU), torch's NCCL or cupy's NCCL (GPU).
+"""Versioned, bucketed weight broadcast over gloo, torch's NCCL, cupy's NCCL or CUDA IPC.
 
 The weight group holds the publisher (rank 0, learner-0) and the subscribers (ranks 1..,
 the generators). It is a process group of its own, built from a TCP store, not the process's
@@ -8,9 +8,20 @@ bucket. The bucket plan (names, dtypes, shapes, offsets) is sent once, when the 
 subscribers are built; each publish then sends a small header [version, num_buckets] and the
 buckets. Subscribers receive into buffers allocated once from the plan.
 
-The buckets are pipelined: the publisher packs bucket i+1 into one of two staging buffers while
-bucket i is on the wire (at most IN_FLIGHT broadcasts outstanding), and subscribers post every
-bucket's receive before waiting on the first.
+The path (comm/placement.py `weight_path`, chosen by the driver from where every rank's
+tensors live) decides where buckets are:
+  gloo       host memory; pinned on a rank whose model is on CUDA, so the copies to and
+             from the device are DMA transfers;
+  nccl, cupy-nccl  the rank's GPU (one rank per GPU);
+  cuda-ipc   ranks sharing one GPU: the publisher's buckets live on it and subscribers map them
+             through CUDA IPC handles sent once with the plan; each publish packs them, meets the
+             subscribers ("ready"), lets them copy into their own buffers, and meets them again
+             ("copied") before the buckets may be packed anew. The control messages (plan,
+             header, rendezvous) go over gloo.
+
+The buckets are pipelined (gloo, NCCL): the publisher packs bucket i+1 into one of two staging
+buffers while bucket i is on the wire (at most IN_FLIGHT broadcasts outstanding), and subscribers
+post every bucket's receive before waiting on the first.
 
 Every collective is started asynchronously and waited on with a timeout, so a missing or
 stuck peer becomes a CollectiveTimeout naming role, rank, operation and version instead of a
@@ -18,9 +29,7 @@ hang. A peer that died can leave a live rank waiting for another live rank (gloo
 the failure on), so the driver, which sees the death, can also `abort_weight_group`: a key in the
 group's store that every rank checks each WAIT_SLICE_S while it waits, raising CollectiveAborted.
 After either the group is unusable: every rank must drop it and join a new one.
-With NCCL (torch's or cupy's) the communication buffers live on the current CUDA device.
 """
-import importlib.util
 import socket
 import time
 from collections import Counter
@@ -33,12 +42,13 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
+from comm.placement import WEIGHT_PATHS
+
 PUBLISHER_RANK = 0
 STORE_PREFIX = "ringrl-weights"
 ABORT_KEY = "abort"
 WAIT_SLICE_S = 1.0  # how often a waiting rank looks for an abort
 IN_FLIGHT = 2  # bucket broadcasts the publisher keeps outstanding, one staging buffer each
-BACKENDS = ("gloo", "nccl", "cupy-nccl")
 
 
 class CollectiveTimeout(TimeoutError):
@@ -47,18 +57,6 @@ class CollectiveTimeout(TimeoutError):
 
 class CollectiveAborted(RuntimeError):
     """A collective of the weight group given up because the driver aborted the group."""
-
-
-def pick_backend() -> str:
-    """cupy's NCCL with CUDA and cupy installed, torch's NCCL with CUDA alone, else gloo (logged)."""
-    if not torch.cuda.is_available():
-        logger.info("no CUDA, using gloo for weight broadcast")
-        return "gloo"
-    if importlib.util.find_spec("cupy") is not None:
-        logger.info("CUDA and cupy available, using cupy-nccl for weight broadcast")
-        return "cupy-nccl"
-    logger.info("CUDA available, cupy not installed, using torch's nccl for weight broadcast")
-    return "nccl"
 
 
 class WeightGroup:
@@ -72,6 +70,8 @@ class WeightGroup:
     def __init__(self, rank: int, size: int, device: torch.device):
         self.rank, self.size, self.device = rank, size, device
         self.store: dist.Store | None = None  # the rendezvous store, where an abort is posted
+        self.pin_memory = False  # host buckets are pinned (gloo with the model on CUDA)
+        self.ipc_device: torch.device | None = None  # cuda-ipc: the shared GPU the buckets live on
 
     def abort_reason(self) -> str | None:
         """Why the driver aborted this group, or None."""
@@ -164,16 +164,16 @@ class _CudaWork:
 
 
 def init_weight_group(rank: int, world_size: int, master_addr: str, master_port: int,
-                      timeout_s: float, backend: str | None = None) -> WeightGroup:
+                      timeout_s: float, backend: str = "gloo",
+                      model_device: torch.device = torch.device("cpu")) -> WeightGroup:
     """Join the weight group; blocks until all `world_size` ranks joined or `timeout_s` passed.
 
     Rank 0 (the publisher) hosts the rendezvous store on master_addr:master_port; ranks 1..
-    are generators. `backend` is one of BACKENDS, or None to pick by device (pick_backend).
-    With NCCL, set the CUDA device before calling.
+    are generators. `backend` is the path every rank was given (WEIGHT_PATHS); `model_device`
+    is where this rank's model lives (the bucket memory follows from both).
     """
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"weight group backend ({backend}) must be one of {', '.join(BACKENDS)}")
-    backend = backend or pick_backend()
+    if backend not in WEIGHT_PATHS:
+        raise ValueError(f"weight group backend ({backend}) must be one of {', '.join(WEIGHT_PATHS)}")
     timeout = timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_addr, master_port, world_size, rank == PUBLISHER_RANK, timeout=timeout)
     store = dist.PrefixStore(STORE_PREFIX, store)
@@ -185,8 +185,11 @@ def init_weight_group(rank: int, world_size: int, master_addr: str, master_port:
     else:
         group = TorchGroup(dist.ProcessGroupGloo(store, rank, world_size, timeout), rank, world_size,
                            torch.device("cpu"))
+        group.pin_memory = backend == "gloo" and model_device.type == "cuda"
+        group.ipc_device = model_device if backend == "cuda-ipc" else None
     group.store = store
-    logger.info("joined weight group as rank {}/{} ({}) over {}", rank, world_size, group.role, backend)
+    logger.info("joined weight group as rank {}/{} ({}) over {}{}", rank, world_size, group.role, backend,
+                " (pinned host buckets)" if group.pin_memory else "")
     return group
 
 
@@ -289,12 +292,13 @@ class WeightPublisher:
     """Rank 0 of the weight group: sends the plan once, then one version per `publish`.
 
     Blocking: the constructor returns once the plan is sent; `publish` returns once every
-    bucket's broadcast has completed on this rank, and raises CollectiveTimeout if any step
-    (the rendezvous, the header, a bucket) takes longer than `timeout_s`. Nothing is queued
-    across calls. `publish` asks `fetch` for one bucket's tensors at a time, in bucket order, so
-    a sharded learner gathers one bucket, not the whole model, before each broadcast; it asks for
-    bucket i+1 while bucket i is still being sent. Staging memory: IN_FLIGHT of the largest
-    bucket that holds several tensors.
+    bucket's broadcast has completed on this rank (cuda-ipc: once every subscriber copied the
+    buckets), and raises CollectiveTimeout if any step (the rendezvous, the header, a bucket)
+    takes longer than `timeout_s`. Nothing is queued across calls. `publish` asks `fetch` for one
+    bucket's tensors at a time, in bucket order, so a sharded learner gathers one bucket, not the
+    whole model, before each broadcast; it asks for bucket i+1 while bucket i is still being sent.
+    Staging memory: IN_FLIGHT of the largest bucket that holds several tensors (cuda-ipc: every
+    bucket, on the shared GPU).
     """
 
     def __init__(self, group: WeightGroup, named_tensors: list[tuple[str, torch.Tensor]],
@@ -302,21 +306,25 @@ class WeightPublisher:
         self.group = group
         self.plan = plan_buckets(named_tensors, bucket_bytes)
         self._timeout_s = timeout_s
+        self._shared: list[torch.Tensor] = []
+        if group.ipc_device is not None:
+            self._shared = _allocate_buckets(self.plan, group.ipc_device)
         tensors_per_bucket = Counter(entry.bucket_index for entry in self.plan.entries)
         largest = max((self.plan.bucket_numels[index] * self.plan.bucket_dtypes[index].itemsize
-                       for index, tensors in tensors_per_bucket.items() if tensors > 1), default=0)
-        self._staging = [torch.empty(largest, dtype=torch.uint8, device=group.device) for _ in range(IN_FLIGHT)]
-        payload = self.plan.to_bytes()
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
-        # Subscribers wait in their constructor for the plan: its size first, then its bytes.
-        _broadcast(group, size, timeout_s, "weight plan size")
-        _broadcast(group, torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device),
-                   timeout_s, "weight plan")
+                       for index, tensors in tensors_per_bucket.items() if tensors > 1 and not self._shared),
+                      default=0)
+        self._staging = [torch.empty(largest, dtype=torch.uint8, device=group.device, pin_memory=group.pin_memory)
+                         for _ in range(IN_FLIGHT)]
+        # Subscribers wait in their constructor for the plan (and, over cuda-ipc, the handles).
+        _send_bytes(group, self.plan.to_bytes(), timeout_s, "weight plan")
+        if self._shared:
+            _send_bytes(group, msgpack.packb([_ipc_handle(bucket) for bucket in self._shared]), timeout_s,
+                        "weight IPC handles")
         logger.info("weight plan sent: {} tensors, {} buckets, {:.1f} MB",
                     len(self.plan.entries), self.plan.num_buckets, self.plan.total_bytes / 1e6)
 
     def publish(self, version: int, fetch: Fetch) -> dict:
-        """Broadcast the plan's tensors, as `fetch` returns them, as `version`.
+        """Send the plan's tensors, as `fetch` returns them, as `version`.
 
         Returns {"bytes", "seconds", "buckets"}.
         """
@@ -327,6 +335,16 @@ class WeightPublisher:
         header = torch.tensor([version, self.plan.num_buckets], dtype=torch.int64, device=self.group.device)
         # Subscribers wait for the header to learn the version and that the buckets follow.
         _broadcast(self.group, header, self._timeout_s, f"weight broadcast header of version {version}")
+        if self._shared:
+            self._fill_shared(version, fetch)
+        else:
+            self._broadcast_buckets(version, fetch)
+        seconds = time.perf_counter() - start
+        logger.debug("published version {}: {:.1f} MB in {} buckets, {:.3f}s",
+                     version, self.plan.total_bytes / 1e6, self.plan.num_buckets, seconds)
+        return {"bytes": self.plan.total_bytes, "seconds": seconds, "buckets": self.plan.num_buckets}
+
+    def _broadcast_buckets(self, version: int, fetch: Fetch) -> None:
         in_flight = []  # (work, operation) of the buckets being sent, oldest first
         for index in range(self.plan.num_buckets):
             if len(in_flight) == IN_FLIGHT:  # the oldest one's staging buffer is packed next
@@ -338,15 +356,18 @@ class WeightPublisher:
                               f"weight broadcast bucket {index + 1}/{self.plan.num_buckets} of version {version}"))
         for work, operation in in_flight:
             _wait(self.group, work, self._timeout_s, operation)
-        seconds = time.perf_counter() - start
-        logger.debug("published version {}: {:.1f} MB in {} buckets, {:.3f}s",
-                     version, self.plan.total_bytes / 1e6, self.plan.num_buckets, seconds)
-        return {"bytes": self.plan.total_bytes, "seconds": seconds, "buckets": self.plan.num_buckets}
 
-    def _pack(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Bucket `index`: a bucket's only tensor itself, contiguous on the group's device (no copy
-        if it already is; the broadcast keeps it alive), else the tensors packed into staging
-        buffer index % IN_FLIGHT (which must be free)."""
+    def _fill_shared(self, version: int, fetch: Fetch) -> None:
+        """cuda-ipc: pack every bucket in place on the shared GPU, then let the subscribers copy."""
+        for index, bucket in enumerate(self._shared):
+            self._pack_into(bucket, self._entries(index, fetch(self.plan.bucket_names(index))))
+        torch.cuda.synchronize(self.group.ipc_device)
+        # Subscribers copy the buckets between these two meetings; after the second they may be packed anew.
+        _rendezvous(self.group, self._timeout_s, f"weight buckets ready of version {version}")
+        _rendezvous(self.group, self._timeout_s, f"weight buckets copied of version {version}")
+
+    def _entries(self, index: int, tensors: dict[str, torch.Tensor]) -> list[tuple["BucketEntry", torch.Tensor]]:
+        """Bucket `index`'s plan entries with the tensors `fetch` gave for them, checked against the plan."""
         entries = [entry for entry in self.plan.entries if entry.bucket_index == index]
         if tensors.keys() != {entry.name for entry in entries}:
             raise ValueError(f"fetch must return exactly the tensors of bucket {index}")
@@ -355,13 +376,23 @@ class WeightPublisher:
             if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
                 raise ValueError(f"{entry.name}: {tensor.dtype} {tuple(tensor.shape)} does not match "
                                  f"the plan's {entry.dtype} {entry.shape}")
+        return [(entry, tensors[entry.name]) for entry in entries]
+
+    def _pack(self, index: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Bucket `index`: a bucket's only tensor itself, contiguous on the group's device (no copy
+        if it already is; the broadcast keeps it alive), else the tensors packed into staging
+        buffer index % IN_FLIGHT (which must be free)."""
+        entries = self._entries(index, tensors)
         if len(entries) == 1:
-            return tensors[entries[0].name].detach().to(self.group.device).contiguous().view(-1)
+            return entries[0][1].detach().to(self.group.device).contiguous().view(-1)
         dtype, numel = self.plan.bucket_dtypes[index], self.plan.bucket_numels[index]
-        bucket = self._staging[index % IN_FLIGHT][:numel * dtype.itemsize].view(dtype)
+        return self._pack_into(self._staging[index % IN_FLIGHT][:numel * dtype.itemsize].view(dtype), entries)
+
+    @staticmethod
+    def _pack_into(bucket: torch.Tensor, entries: list[tuple["BucketEntry", torch.Tensor]]) -> torch.Tensor:
         with torch.no_grad():
-            for entry in entries:
-                bucket[entry.offset:entry.offset + entry.numel].copy_(tensors[entry.name].reshape(-1))
+            for entry, tensor in entries:
+                bucket[entry.offset:entry.offset + entry.numel].copy_(tensor.reshape(-1))
         return bucket
 
 
@@ -379,13 +410,13 @@ class WeightSubscriber:
         self.group = group
         self._timeout_s = timeout_s
         self._last_version: int | None = None
-        size = torch.zeros(1, dtype=torch.int64, device=group.device)
-        # The publisher sends the plan from its constructor: its size first, then its bytes.
-        _broadcast(group, size, timeout_s, "weight plan size")
-        payload = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
-        _broadcast(group, payload, timeout_s, "weight plan")
-        self.plan = BucketPlan.from_bytes(payload.cpu().numpy().tobytes())
-        self._buckets = _allocate_buckets(self.plan, group.device)
+        # The publisher sends the plan from its constructor (over cuda-ipc, then its bucket handles).
+        self.plan = BucketPlan.from_bytes(_receive_bytes(group, timeout_s, "weight plan"))
+        self._buckets = _allocate_buckets(self.plan, group.ipc_device or group.device, group.pin_memory)
+        self._shared: list[torch.Tensor] = []
+        if group.ipc_device is not None:
+            handles = msgpack.unpackb(_receive_bytes(group, timeout_s, "weight IPC handles"))
+            self._shared = [_open_ipc_handle(handle, own) for handle, own in zip(handles, self._buckets)]
         self._views = {entry.name: self._buckets[entry.bucket_index][entry.offset:entry.offset + entry.numel]
                        .view(entry.shape) for entry in self.plan.entries}
 
@@ -401,18 +432,57 @@ class WeightSubscriber:
         if num_buckets != self.plan.num_buckets:
             raise RuntimeError(f"publisher announced {num_buckets} buckets for version {version}, "
                                f"the plan has {self.plan.num_buckets}")
-        # The publisher broadcasts the buckets of this version in order, one into each buffer: post all.
-        works = [self.group.broadcast(bucket) for bucket in self._buckets]
-        for index, work in enumerate(works):
-            _wait(self.group, work, self._timeout_s,
-                  f"weight broadcast bucket {index + 1}/{num_buckets} of version {version}")
+        if self._shared:
+            self._copy_shared(version)
+        else:
+            # The publisher broadcasts the buckets of this version in order, one into each buffer: post all.
+            works = [self.group.broadcast(bucket) for bucket in self._buckets]
+            for index, work in enumerate(works):
+                _wait(self.group, work, self._timeout_s,
+                      f"weight broadcast bucket {index + 1}/{num_buckets} of version {version}")
         self._last_version = version
         return version, dict(self._views)
 
+    def _copy_shared(self, version: int) -> None:
+        """cuda-ipc: copy the publisher's packed buckets into this rank's own, between its two meetings."""
+        _rendezvous(self.group, self._timeout_s, f"weight buckets ready of version {version}")
+        for own, shared in zip(self._buckets, self._shared):
+            own.copy_(shared)
+        torch.cuda.synchronize(self.group.ipc_device)
+        _rendezvous(self.group, self._timeout_s, f"weight buckets copied of version {version}")
 
-def _allocate_buckets(plan: BucketPlan, device: torch.device) -> list[torch.Tensor]:
-    return [torch.empty(numel, dtype=dtype, device=device)
+
+def _allocate_buckets(plan: BucketPlan, device: torch.device, pin_memory: bool = False) -> list[torch.Tensor]:
+    return [torch.empty(numel, dtype=dtype, device=device, pin_memory=pin_memory)
             for numel, dtype in zip(plan.bucket_numels, plan.bucket_dtypes)]
+
+
+def _ipc_handle(bucket: torch.Tensor) -> list:
+    """The CUDA IPC handle of a bucket's storage, as torch.multiprocessing shares one: bytes and
+    ints only, so it travels as msgpack (a subscriber never unpickles what the network sends)."""
+    return list(bucket.untyped_storage()._share_cuda_())
+
+
+def _open_ipc_handle(handle: list, like: torch.Tensor) -> torch.Tensor:
+    """The publisher's bucket, mapped into this process, with the dtype and size of `like`."""
+    storage = torch.UntypedStorage._new_shared_cuda(*handle)
+    mapped = torch.empty(0, dtype=torch.uint8, device=like.device).set_(storage)
+    return mapped[:like.numel() * like.element_size()].view(like.dtype)
+
+
+def _send_bytes(group: WeightGroup, payload: bytes, timeout_s: float, operation: str) -> None:
+    """Broadcast `payload` from the publisher: its size first, then its bytes."""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=group.device)
+    _broadcast(group, size, timeout_s, f"{operation} size")
+    _broadcast(group, torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(group.device), timeout_s, operation)
+
+
+def _receive_bytes(group: WeightGroup, timeout_s: float, operation: str) -> bytes:
+    size = torch.zeros(1, dtype=torch.int64, device=group.device)
+    _broadcast(group, size, timeout_s, f"{operation} size")
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
+    _broadcast(group, payload, timeout_s, operation)
+    return payload.cpu().numpy().tobytes()
 
 
 def _broadcast(group: WeightGroup, tensor: torch.Tensor, timeout_s: float, operation: str) -> None:

@@ -3,6 +3,7 @@
 `load_config(overrides)` returns a `Config` or raises `ConfigError` whose message
 is one line naming the field and the numbers involved.
 """
+import math
 import os
 
 from hydra import compose, initialize_config_dir
@@ -10,10 +11,13 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from comm.placement import DEVICE_SETTINGS
 from conf.schema import Config
 
 CONF_DIR = os.path.dirname(os.path.abspath(__file__))
 AGGREGATIONS = ("seq_mean", "token_mean", "token_budget")
+AUTO_GPUS = -1.0
+GPU_ROLES = ("learner", "generator")
 FAILURE_POLICIES = ("restart", "continue", "stop")
 
 
@@ -114,6 +118,7 @@ def validate(cfg: Config) -> None:
              f"generator.max_slots ({cfg.generator.max_slots}) must hold one group (algo.group_size {a.group_size})")
     _require(cfg.judge.timeout_s > 0, f"judge.timeout_s ({cfg.judge.timeout_s}) must be > 0")
     _validate_task(cfg)
+    _validate_devices(cfg)
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
@@ -141,3 +146,50 @@ def _validate_task(cfg: Config) -> None:
     _require(box.max_procs >= 1, f"task.sandbox.max_procs ({box.max_procs}) must be at least 1")
     _require(box.output_kb >= 1 and box.disk_mb >= 1,
              f"task.sandbox.output_kb ({box.output_kb}) and disk_mb ({box.disk_mb}) must be at least 1")
+
+
+def _validate_devices(cfg: Config) -> None:
+    """Device settings that cannot work whatever the cluster holds."""
+    for role in GPU_ROLES:
+        section = getattr(cfg, role)
+        device, gpus = section.device, section.num_gpus
+        _require(device in DEVICE_SETTINGS, f"{role}.device ({device!r}) must be one of {DEVICE_SETTINGS}")
+        _require(gpus == AUTO_GPUS or 0 <= gpus <= 1,
+                 f"{role}.num_gpus ({gpus}) must be within 0..1 (an actor uses one device) or -1 (auto)")
+        _require(not (device == "cpu" and gpus > 0), f"{role}.device=cpu holds no GPU ({role}.num_gpus {gpus})")
+        _require(not (device == "cuda" and gpus == 0), f"{role}.device=cuda needs {role}.num_gpus > 0")
+    learner = cfg.learner
+    _require(not (learner.num > 1 and learner.device != "cpu" and 0 < learner.num_gpus < 1),
+             f"learner.num ({learner.num}) CUDA learners need a whole GPU each (learner.num_gpus "
+             f"{learner.num_gpus}): their FSDP group is NCCL, one rank per GPU")
+
+
+def resolve_gpus(cfg: Config, cluster_gpus: float) -> None:
+    """Fill `num_gpus = -1` (auto) from the GPUs of the Ray cluster, and check that the actors fit.
+
+    Called by the driver once Ray is up, before any actor starts; raises ConfigError.
+    """
+    gpu_actors = {role: getattr(cfg, role).num for role in GPU_ROLES if getattr(cfg, role).device != "cpu"}
+    for role in GPU_ROLES:
+        section = getattr(cfg, role)
+        _require(not (section.device == "cuda" and cluster_gpus == 0),
+                 f"{role}.device=cuda but the Ray cluster has no GPU")
+        if section.num_gpus == AUTO_GPUS:
+            section.num_gpus = _auto_share(cluster_gpus, sum(gpu_actors.values())) if role in gpu_actors else 0.0
+    learner = cfg.learner
+    _require(not (learner.num > 1 and 0 < learner.num_gpus < 1),
+             f"learner.num ({learner.num}) CUDA learners need a whole GPU each, the cluster has {cluster_gpus:g} "
+             f"GPUs for {sum(gpu_actors.values())} GPU actors: add GPUs or set learner.device=cpu")
+    wanted = sum(getattr(cfg, role).num * getattr(cfg, role).num_gpus for role in GPU_ROLES)
+    _require(wanted <= cluster_gpus + 1e-6,
+             f"the actors ask for {wanted:g} GPUs (learner.num {learner.num} x {learner.num_gpus:g}, generator.num "
+             f"{cfg.generator.num} x {cfg.generator.num_gpus:g}), the Ray cluster has {cluster_gpus:g}")
+
+
+def _auto_share(cluster_gpus: float, gpu_actors: int) -> float:
+    """A whole GPU each when there are enough, else 1/n of one for the n actors a GPU must hold."""
+    whole = math.floor(cluster_gpus)
+    if whole == 0:
+        return 0.0
+    per_gpu = math.ceil(gpu_actors / whole)
+    return 1.0 if per_gpu <= 1 else math.floor(10_000 / per_gpu) / 10_000  # Ray counts GPUs in 1e-4 steps

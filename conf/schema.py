@@ -14,6 +14,12 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _gpus_help(role: str) -> str:
+    return (f"GPUs per {role} actor, fractions share a GPU; -1 = auto: none on a cluster without GPUs, a "
+            "whole GPU each when there is one for every GPU actor, else an equal share (with one GPU, a "
+            "generator and a learner share it)")
+
+
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", "name of the preset these values came from")
@@ -71,6 +77,9 @@ class TaskConfig:
 class GeneratorConfig:
     num: int = _f(1, "generator actors")
     num_cpus: float = _f(1.0, "CPUs reserved per generator actor")
+    device: str = _f("auto", "auto | cpu | cuda: where the engine's model, KV cache and sampling live "
+                             "(auto: cuda when Ray grants the actor a GPU); bf16 on CUDA, float32 on CPU")
+    num_gpus: float = _f(-1.0, _gpus_help("generator"))
     max_slots: int = _f(256, "sequences decoded together (continuous batching slots)")
     max_new_tokens: int = _f(16, "completion length limit")
     temperature: float = _f(1.0, "sampling temperature (the learner uses the same)")
@@ -90,6 +99,9 @@ class JudgeConfig:
 class LearnerConfig:
     num: int = _f(1, "learner actors (shards)")
     num_cpus: float = _f(1.0, "CPUs reserved per learner actor")
+    device: str = _f("auto", "auto | cpu | cuda: where the learner's model and optimizer live (auto: cuda "
+                             "when Ray grants the actor a GPU); on CUDA bf16 autocast over float32 master weights")
+    num_gpus: float = _f(-1.0, _gpus_help("learner"))
     lr: float = _f(1e-3, "AdamW learning rate for RL")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "max gradient norm")

@@ -15,9 +15,10 @@ from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 
-def init_learner_group(rank: int, world_size: int, addr: str, port: int, timeout_s: float) -> None:
-    """Join the learners' default process group (gloo on CPU, NCCL with CUDA)."""
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+def init_learner_group(rank: int, world_size: int, addr: str, port: int, timeout_s: float,
+                       device: torch.device = torch.device("cpu")) -> None:
+    """Join the learners' default process group: NCCL when the model is on CUDA, else gloo."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
     logger.info("joined the learner group as rank {}/{} over {}", rank, world_size, backend)
@@ -35,8 +36,7 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over the learner group: each block and MTP layer is a unit, then the root."""
     if world_size() == 1:
         return model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mesh = init_device_mesh(device, (world_size(),))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
     for unit in list(model.blocks) + list(model.mtp):
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -53,7 +53,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def all_reduce_sum(values: list[float]) -> list[float]:
     if world_size() == 1:
         return list(values)
-    summed = torch.tensor(values, dtype=torch.float64)
+    summed = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     dist.all_reduce(summed)
     return summed.tolist()
 
@@ -75,6 +75,11 @@ def loss_scale(aggregation: str, local_count: float, global_count: float) -> flo
     if aggregation == "token_budget":
         return float(world_size())
     return local_count * world_size() / global_count
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces tensors on the rank's GPU, gloo on the host."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def gather_stats(stats: dict) -> list[dict]:

@@ -1,6 +1,7 @@
 """Weight broadcast over a real gloo group: 1 publisher + 2 subscribers in spawned processes.
 
-The `gpu` tests run the same broadcast over torch's NCCL and cupy's NCCL, one rank per GPU.
+The `gpu` tests run the same broadcast over torch's NCCL and cupy's NCCL, one rank per GPU, and,
+with every rank's model on one GPU, over CUDA IPC and through pinned host memory (gloo).
 """
 import functools
 import importlib.util
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 
 from comm.weights import (WAIT_SLICE_S, BucketPlan, CollectiveAborted, CollectiveTimeout, WeightPublisher,
                           WeightSubscriber, _broadcast, _rendezvous, abort_weight_group, fetch_from, free_port,
-                          init_weight_group, pick_backend, plan_buckets)
+                          init_weight_group, plan_buckets)
 
 BUCKET_BYTES = 4096
 WORLD_SIZE = 3
@@ -46,25 +47,29 @@ def model_tensors(version: int) -> list[tuple[str, torch.Tensor]]:
     ]
 
 
-def join(rank: int, world_size: int, port: int, timeout_s: float, backend: str):
-    if backend != "gloo":
+def join(rank: int, world_size: int, port: int, timeout_s: float, backend: str, model_device: str):
+    """Join as `rank`; NCCL ranks take GPU `rank`, the other paths leave the model on `model_device`."""
+    if backend in ("nccl", "cupy-nccl"):
         torch.cuda.set_device(rank)
-    return init_weight_group(rank, world_size, "127.0.0.1", port, timeout_s, backend=backend)
+        model_device = f"cuda:{rank}"
+    return init_weight_group(rank, world_size, "127.0.0.1", port, timeout_s, backend=backend,
+                             model_device=torch.device(model_device))
 
 
 def publisher_main(port: int, out_path: str, versions: list[int], timeout_s: float, world_size: int = WORLD_SIZE,
-                   backend: str = "gloo") -> None:
-    group = join(0, world_size, port, timeout_s, backend)
+                   backend: str = "gloo", model_device: str = "cpu") -> None:
+    group = join(0, world_size, port, timeout_s, backend, model_device)
+    device = group.ipc_device or (group.device if backend != "gloo" else torch.device(model_device))
     publisher = WeightPublisher(group, model_tensors(0), BUCKET_BYTES, timeout_s)
-    stats = [publisher.publish(version, fetch_from([(name, tensor.to(group.device))
+    stats = [publisher.publish(version, fetch_from([(name, tensor.to(device))
                                                     for name, tensor in model_tensors(version)]))
              for version in versions]
     torch.save({"stats": stats, "plan_bytes": publisher.plan.total_bytes}, out_path)
 
 
 def subscriber_main(rank: int, port: int, out_path: str, receives: int, world_size: int = WORLD_SIZE,
-                    backend: str = "gloo") -> None:
-    group = join(rank, world_size, port, GROUP_TIMEOUT_S, backend)
+                    backend: str = "gloo", model_device: str = "cpu") -> None:
+    group = join(rank, world_size, port, GROUP_TIMEOUT_S, backend, model_device)
     subscriber = WeightSubscriber(group, GROUP_TIMEOUT_S)
     received = {}
     for _ in range(receives):
@@ -155,17 +160,19 @@ def test_plan_survives_its_wire_encoding():
     assert BucketPlan.from_bytes(plan.to_bytes()) == plan
 
 
-def check_broadcast(tmp_path, world_size: int, backend: str) -> None:
-    """Versions 1 and 2 published by rank 0 arrive bit-identical on every other rank."""
+def check_broadcast(tmp_path, world_size: int, backend: str, versions: tuple = (1, 2),
+                    model_device: str = "cpu") -> None:
+    """Each version published by rank 0 arrives bit-identical on every other rank."""
     port = free_port()
-    versions = [1, 2]
+    versions = list(versions)
     run_processes([(publisher_main, (port, str(tmp_path / "publisher.pt"), versions, GROUP_TIMEOUT_S, world_size,
-                                     backend))] + [
-        (subscriber_main, (rank, port, str(tmp_path / f"subscriber{rank}.pt"), len(versions), world_size, backend))
+                                     backend, model_device))] + [
+        (subscriber_main, (rank, port, str(tmp_path / f"subscriber{rank}.pt"), len(versions), world_size, backend,
+                           model_device))
         for rank in range(1, world_size)], timeout_s=120)
     published = torch.load(tmp_path / "publisher.pt")
-    assert [stats["buckets"] for stats in published["stats"]] == [10, 10]
-    assert [stats["bytes"] for stats in published["stats"]] == [published["plan_bytes"]] * 2
+    assert [stats["buckets"] for stats in published["stats"]] == [10] * len(versions)
+    assert [stats["bytes"] for stats in published["stats"]] == [published["plan_bytes"]] * len(versions)
     for rank in range(1, world_size):
         received = torch.load(tmp_path / f"subscriber{rank}.pt")
         assert sorted(received) == versions
@@ -197,16 +204,23 @@ def test_cupy_nccl_broadcast(tmp_path):
     check_broadcast(tmp_path, 2, "cupy-nccl")
 
 
-def test_backend_by_device(monkeypatch):
-    cuda, cupy = [False], {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
-    monkeypatch.setattr(importlib.util, "find_spec", cupy.get)
-    assert pick_backend() == "gloo"
-    cuda[0] = True
-    assert pick_backend() == "nccl"
-    cupy["cupy"] = object()
-    assert pick_backend() == "cupy-nccl"
-    with pytest.raises(ValueError, match=r"weight group backend \(mpi\) must be one of gloo, nccl, cupy-nccl"):
+needs_a_gpu = pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_a_gpu
+def test_shared_gpu_cuda_ipc_delivers_three_versions_bit_identical(tmp_path):
+    check_broadcast(tmp_path, WORLD_SIZE, "cuda-ipc", versions=(1, 2, 3), model_device="cuda:0")
+
+
+@pytest.mark.gpu
+@needs_a_gpu
+def test_pinned_host_path_from_gpu_models_is_bit_identical(tmp_path):
+    check_broadcast(tmp_path, WORLD_SIZE, "gloo", versions=(1, 2, 3), model_device="cuda:0")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match=r"weight group backend \(mpi\) must be one of gloo, nccl, cupy-nccl, cuda-ipc"):
         init_weight_group(0, 1, "127.0.0.1", free_port(), 1.0, backend="mpi")
 
 
