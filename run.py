@@ -19,7 +19,7 @@ import ray
 from tqdm import tqdm
 
 from actors.ledger import Ledger
-from actors.record import Recorder, make_run_dir
+from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.supervisor import ABSORB_QUIET_S, Supervisor
 from actors.system import (ActorFailure, accuracy, async_evaluate, async_on_generators, async_on_learners,
                            async_stats, call, start_generators, start_system, stop_system)
@@ -110,7 +110,8 @@ def warm_up(cfg: Config, system, recorder: Recorder, log) -> None:
         return
     with recorder.timer("warmup"):
         warmup = call(async_on_learners(system, "warmup"))["learner-0"]
-    log.info("warm-up done: loss {:.3f} in {:.0f}s", warmup["sft_loss"], warmup["warmup_s"])
+    log.info("warm-up done: loss {:.3f} in {:.0f}s on {} threads per learner", warmup["sft_loss"], warmup["warmup_s"],
+             warmup["warmup_threads"])
 
 
 def admit(sup: Supervisor, task, progress: Progress) -> None:
@@ -182,6 +183,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
     if "after_warmup" not in recorder.evaluations:
         result = recorder.evaluation("after_warmup", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
         log.info("held-out greedy accuracy before RL: {:.1%}", result["accuracy"])
+    recorder.start_rl(pool_totals(sup.call(async_stats(sup.system))))
     rl_start = time.monotonic()
     deadline = rl_start + (cfg.run.time_budget_s or math.inf)
     bar = tqdm(range(progress.step, cfg.run.steps), desc="RL", initial=progress.step, total=cfg.run.steps,
@@ -209,12 +211,12 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         if due_for_evaluation(cfg, step, totals["trained_samples"], recorder):
             with recorder.timer("eval"):
                 stats["eval_accuracy"] = accuracy(sup.call(async_evaluate(sup.system, eval_prompts)))["accuracy"]
-        recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
+        record = recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
                        "weight_sync_bytes": sync["learner-0"]["bytes"], "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
         if cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0 and progress.step < cfg.run.steps:
             with recorder.timer("checkpoint"):
                 checkpoint(cfg, sup, progress, recorder.run_dir, log)
-        bar.set_postfix(reward=f"{stats['reward']:.2f}", v=stats["version"])
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", v=stats["version"], mfu=f"{record.get('mfu/run', 0):.2f}")
     recorder.summary["rl_wall_s"] = time.monotonic() - rl_start
     result = recorder.evaluation("after_rl", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
     log.info("held-out greedy accuracy after RL: {:.1%}", result["accuracy"])
@@ -230,11 +232,16 @@ def round_batch_end(cfg: Config, sup: Supervisor, step: int) -> int | None:
 
 
 def pool_totals(counters: dict) -> dict:
-    """Counters summed over the live actors: tokens generated, samples trained, samples purged."""
-    def total(key: str) -> int:
-        return sum(c.get(key, 0) for c in counters.values() if c)
-    return {"generated_tokens": total("generated_tokens"), "trained_samples": total("trained_samples"),
-            "purged": total("dropped_purged")}
+    """Counters summed over the live actors: tokens generated, samples trained, samples purged, and
+    per role the model FLOPs done so far and the peak FLOP/s of the cores the role holds (for MFU)."""
+    def total(key: str, role: str = "") -> float:
+        return sum(c.get(key, 0) for name, c in counters.items() if c and name.startswith(role))
+    totals = {"generated_tokens": total("generated_tokens"), "trained_samples": total("trained_samples"),
+              "purged": total("dropped_purged")}
+    for role in MFU_ROLES:
+        totals[f"{role}_flops"] = total("model_flops", role)
+        totals[f"{role}_peak_flops"] = total("peak_flops", role)
+    return totals
 
 
 def due_for_evaluation(cfg: Config, step: int, trained: int, recorder: Recorder) -> bool:

@@ -40,6 +40,7 @@ from learner.metrics import merge_rank_stats
 from learner.sharding import (all_reduce_sum, full_tensor, gather_stats, init_learner_group, loss_scale,
                               shard_model)
 from learner.trainer import Trainer
+from model.flops import matmul_peak_flops, training_flops
 from model.moe import MoECausalLM
 
 DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is left on the way
@@ -58,6 +59,7 @@ class Learner:
         self.device = self.placement.torch_device()
         self.model = MoECausalLM(cfg.model).to(self.device)  # float32 master weights on either device
         self.wire_dtypes: dict[str, torch.dtype] = {}  # what each weight travels in to the generators
+        self.peak_flops = matmul_peak_flops(cfg.model.hidden_size, cfg.learner.torch_threads)  # for MFU
         self.trainer: Trainer | None = None
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
@@ -104,15 +106,23 @@ class Learner:
         return list(self.model.state_dict().items())
 
     def warmup(self) -> dict:
-        """Supervised warm-up on the task's imperfect demonstrations (each rank its own share)."""
+        """Supervised warm-up on the task's imperfect demonstrations (each rank its own share).
+
+        The generators idle meanwhile, so the learners take their cores (learner.warmup_threads).
+        """
         rng = random.Random(f"warmup-{self.cfg.run.seed}-{self.rank}")
         per_rank = self.cfg.learner.warmup_batch // self.cfg.learner.num
+        threads = self.cfg.learner.warmup_threads or max(1, len(os.sched_getaffinity(0)) // self.cfg.learner.num)
         start, stats = time.perf_counter(), {}
-        for _ in range(self.cfg.learner.warmup_steps):
-            pairs = [self.task.demonstration(rng) for _ in range(per_rank)]
-            batch = collate_demonstrations(pairs, self.task.tokenizer.pad_id)
-            stats = self.trainer.sft_step(*(tensor.to(self.device) for tensor in batch))
-        return {**stats, "warmup_s": time.perf_counter() - start}
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(self.cfg.learner.warmup_steps):
+                pairs = [self.task.demonstration(rng) for _ in range(per_rank)]
+                batch = collate_demonstrations(pairs, self.task.tokenizer.pad_id)
+                stats = self.trainer.sft_step(*(tensor.to(self.device) for tensor in batch))
+        finally:
+            torch.set_num_threads(self.cfg.learner.torch_threads)
+        return {**stats, "warmup_s": time.perf_counter() - start, "warmup_threads": threads}
 
     def publish(self) -> dict:
         """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0.
@@ -233,6 +243,10 @@ class Learner:
         if not informative:
             stats["trained_tokens"] = 0
             return stats
+        flops = training_flops(self.cfg.model, [len(t.prompt_tokens) + len(t.completion_tokens) - 1
+                                                for group in informative for t in group])
+        stats["mfu"] = flops / (stats["train_s"] * self.peak_flops)
+        self.counters["model_flops"] += flops
         self.counters["trained_samples"] += sum(len(g) for g in informative)
         self.counters["trained_tokens"] += stats["trained_tokens"]
         return stats
@@ -248,6 +262,7 @@ class Learner:
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
         return {**self.counters, **drops, "pid": os.getpid(), "device": self.placement.describe(),
+                "peak_flops": self.peak_flops,
                 "version": self.trainer.version if self.trainer else 0}
 
     def save(self, directory: str) -> list[str]:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from conf.schema import Config
 
+MFU_ROLES = ("generator", "learner")
+
 
 def make_run_dir(cfg: Config) -> Path:
     name = cfg.run.name or time.strftime("%Y%m%d-%H%M%S")
@@ -30,6 +32,8 @@ class Recorder:
         self.evaluations: dict[str, dict] = {}
         self.summary: dict = {"status": "running", "config": asdict(cfg)}
         self.round_token_budget = cfg.algo.round_token_budget
+        self.rl_start: dict | None = None  # the pool's totals when RL (re)started: MFU counts from there
+        self.rates_since: dict | None = None  # the record the next step's rates are counted from
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     @contextmanager
@@ -57,18 +61,26 @@ class Recorder:
         self.steps = [r for r in kept if "step" in r]
         self.evaluations = {r["evaluation"]: r for r in kept if "evaluation" in r}
 
-    def step(self, record: dict) -> None:
+    def start_rl(self, totals: dict) -> None:
+        """The pool's totals (pool_totals in run.py) as RL starts: the first step's rates count from here."""
+        self.rl_start = self.rates_since = {**totals, "wall": time.time()}
+
+    def step(self, record: dict) -> dict:
+        """Write one RL step's record, with the rates since the previous step (or RL's start); returns it."""
         record = {**record, **self.timings, "wall": time.time()}
         self.timings.clear()
-        if self.steps:
-            elapsed = record["wall"] - self.steps[-1]["wall"]
-            new_tokens = record["generated_tokens"] - self.steps[-1]["generated_tokens"]
+        previous, self.rates_since = self.rates_since, record
+        if previous is not None:
+            elapsed = record["wall"] - previous["wall"]
+            new_tokens = record["generated_tokens"] - previous["generated_tokens"]
             record["generated_tokens_per_s"] = new_tokens / elapsed
             record["trained_tokens_per_s"] = record.get("trained_tokens", 0) / elapsed
+            record.update(mfu(previous, record, elapsed))
             if self.round_token_budget:
                 record["round_budget_utilisation"] = new_tokens / self.round_token_budget
         self.steps.append(record)
         self._write(record)
+        return record
 
     def evaluation(self, name: str, result: dict) -> dict:
         self.evaluations[name] = result
@@ -130,6 +142,9 @@ class Recorder:
 
     def finish(self, status: str, extra: dict) -> Path:
         self.summary.update(status=status, steps=len(self.steps), evaluations=self.evaluations, **extra)
+        if self.rl_start is not None and self.rates_since is not self.rl_start:  # at least one step since
+            last = self.rates_since
+            self.summary["mfu"] = mfu(self.rl_start, last, last["wall"] - self.rl_start["wall"])
         before = self.evaluations.get("after_warmup", {}).get("accuracy")
         after = self.evaluations.get("after_rl", {}).get("accuracy")
         if before is not None and after is not None:
@@ -139,6 +154,17 @@ class Recorder:
         path.write_text(json.dumps(self.summary, indent=2, default=str))
         self.metrics.close()
         return path
+
+
+def mfu(before: dict, after: dict, seconds: float) -> dict:
+    """Model FLOPs utilisation between two step records: per role (its FLOPs over the peak of the
+    cores it holds) and for the run (all FLOPs over all those cores' peak)."""
+    done = {role: after[f"{role}_flops"] - before[f"{role}_flops"] for role in MFU_ROLES}
+    peaks = {role: after[f"{role}_peak_flops"] for role in MFU_ROLES}
+    figures = {f"mfu/{role}": done[role] / (seconds * peaks[role]) for role in MFU_ROLES if peaks[role]}
+    if sum(peaks.values()):
+        figures["mfu/run"] = sum(done.values()) / (seconds * sum(peaks.values()))
+    return figures
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -119,6 +119,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.judge.timeout_s > 0, f"judge.timeout_s ({cfg.judge.timeout_s}) must be > 0")
     _validate_task(cfg)
     _validate_devices(cfg)
+    for role in GPU_ROLES:
+        threads = getattr(cfg, role).torch_threads
+        _require(threads >= 1, f"{role}.torch_threads ({threads}) must be at least 1")
+    _require(cfg.learner.warmup_threads >= 0, f"learner.warmup_threads ({cfg.learner.warmup_threads}) must be >= 0")
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")

@@ -109,6 +109,8 @@ class LearnerConfig:
     warmup_lr: float = _f(3e-3, "learning rate of the supervised warm-up")
     warmup_batch: int = _f(128, "demonstrations per warm-up step")
     torch_threads: int = _f(1, "torch intra-op threads in each learner")
+    warmup_threads: int = _f(0, "torch threads of each learner during the supervised warm-up, while the "
+                                "generators idle (0: this node's cores divided by learner.num)")
     recv_timeout_s: float = _f(120.0, "longest wait for trajectories before the step fails")
     mtp_loss_weight: float = _f(0.3, "weight of the MTP loss in supervised warm-up steps")
 
