@@ -46,10 +46,13 @@ def test_bf16_kv_cache_decode_matches_full_forward(device):
     assert errors.max() <= DECODE_MAX_ABS and errors.mean() <= DECODE_MEAN_ABS, (errors.max(), errors.mean())
 
 
-def rl_step_on(device: str) -> dict:
+def trainer_on(device: str) -> Trainer:
     torch.manual_seed(0)
-    trainer = Trainer(MoECausalLM(MODEL).to(device), LearnerConfig(lr=1e-2), AlgoConfig(), temperature=1.0)
-    return trainer.rl_step(collate(make_groups(0), pad_id=0).to(torch.device(device)))
+    return Trainer(MoECausalLM(MODEL).to(device), LearnerConfig(lr=1e-2), AlgoConfig(), temperature=1.0)
+
+
+def rl_step_on(device: str) -> dict:
+    return trainer_on(device).rl_step(collate(make_groups(0), pad_id=0).to(torch.device(device)))
 
 
 @pytest.mark.gpu
@@ -59,3 +62,16 @@ def test_rl_step_on_cuda_matches_cpu():
     assert abs(cuda["loss"] - cpu["loss"]) <= LOSS_ABS, (cuda["loss"], cpu["loss"])
     assert abs(cuda["mismatch_kl"] - cpu["mismatch_kl"]) <= 10 * LOSS_ABS
     assert cuda["trained_tokens"] == cpu["trained_tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA device")
+def test_checkpoint_written_on_cuda_loads_on_cpu(tmp_path):
+    on_cuda = trainer_on("cuda")
+    on_cuda.rl_step(collate(make_groups(0), pad_id=0).to(torch.device("cuda")))
+    on_cuda.save(tmp_path / "model")
+    on_cpu = trainer_on("cpu")
+    on_cpu.load(tmp_path / "model")
+    assert on_cpu.version == 1
+    for (name, saved), (_, loaded) in zip(on_cuda.model.state_dict().items(), on_cpu.model.state_dict().items()):
+        assert torch.equal(saved.cpu(), loaded), name
