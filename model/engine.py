@@ -156,23 +156,23 @@ class GenerationEngine:
         lengths_B = torch.tensor(lengths, device=self.device)
         slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
         self.cache.lengths[slots_B] = 0
-        logits_BTV, routing_BTLK = self.model.forward_routed(tokens_BT, self.cache, slots_B)
+        hidden_ND, routing_NLK = self.model.hidden_states(tokens_BT, self.cache, slots_B, lengths_B=lengths_B)
         self.cache.lengths[slots_B] = lengths_B
         if self.record_routing:
-            for row, r in enumerate(rollouts):
-                r.routing = [routing_BTLK[row, : len(sequences[row])]]
-        last_logits_BV = logits_BTV[torch.arange(len(rollouts), device=self.device), lengths_B - 1]
-        return self._append(rollouts, last_logits_BV)
+            for r, routing_LK in zip(rollouts, routing_NLK.split(lengths)):
+                r.routing = [routing_LK]
+        last_B = lengths_B.cumsum(0) - 1  # each sequence's last token among the packed N
+        return self._append(rollouts, self.model.logits(hidden_ND.index_select(0, last_B)))
 
     def _decode(self, rollouts: list[Rollout]) -> list[Rollout]:
         tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts], device=self.device)
         slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
-        logits_B1V, routing_B1LK = self.model.forward_routed(tokens_B1, self.cache, slots_B)
+        hidden_B1D, routing_B1LK = self.model.hidden_states(tokens_B1, self.cache, slots_B)
         self.cache.lengths[slots_B] += 1
         if self.record_routing:
-            for row, r in enumerate(rollouts):
-                r.routing.append(routing_B1LK[row])
-        return self._append(rollouts, logits_B1V[:, 0])
+            for r, routing_1LK in zip(rollouts, routing_B1LK.unbind(0)):
+                r.routing.append(routing_1LK)
+        return self._append(rollouts, self.model.logits(hidden_B1D[:, 0]))
 
     def _append(self, rollouts: list[Rollout], logits_BV) -> list[Rollout]:
         with profiled("sampling"):

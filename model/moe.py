@@ -1,9 +1,10 @@
 """A Ling-2.0 (BailingMoeV2) style Mixture-of-Experts causal LM, in one plain file.
 
 Shape legend for tensor names:
-  B batch rows, T new tokens per row, L key/value positions (cache length),
-  D hidden size, H query heads, G key/value heads, Dh head dim,
-  E routed experts, K experts per token, F FFN hidden size, N flattened tokens (B*T).
+  B batch rows, T new tokens per row, N tokens the layers compute (B * T, or only the real
+  ones of a packed batch), L key/value positions (or MoE layers, in routing_*LK),
+  D hidden size, H query heads, G key/value heads, Dh head dim, R rotary dims,
+  E routed experts, K experts per token, M (token, expert) pairs, F FFN hidden size, V vocabulary.
 
 Blocks: RMSNorm -> grouped-query attention with per-head QK RMSNorm and partial
 RoPE -> RMSNorm -> FFN, where the first `first_k_dense` blocks use a dense SwiGLU
@@ -49,13 +50,17 @@ class PartialRotary(nn.Module):
         exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32) / self.rot_dim
         self.register_buffer("inv_freq", 1.0 / (cfg.rope_base ** exponents), persistent=False)
 
-    def forward(self, x_BTHDh, positions_BT):
-        angles_BTR = positions_BT.float()[..., None] * self.inv_freq
-        cos = torch.cat([angles_BTR.cos()] * 2, dim=-1)[:, :, None, :].to(x_BTHDh.dtype)
-        sin = torch.cat([angles_BTR.sin()] * 2, dim=-1)[:, :, None, :].to(x_BTHDh.dtype)
-        rot, passthrough = x_BTHDh[..., : self.rot_dim], x_BTHDh[..., self.rot_dim:]
+    def rotation(self, positions_N, dtype):
+        """(cos_N1R, sin_N1R) of the tokens' positions, for `forward`."""
+        angles_NR = positions_N.float()[:, None] * self.inv_freq
+        angles_NR = torch.cat([angles_NR, angles_NR], dim=-1)[:, None, :]
+        return angles_NR.cos().to(dtype), angles_NR.sin().to(dtype)
+
+    def forward(self, x_NHDh, rotation):
+        cos_N1R, sin_N1R = rotation
+        rot, passthrough = x_NHDh[..., : self.rot_dim], x_NHDh[..., self.rot_dim:]
         first, second = rot.chunk(2, dim=-1)
-        rotated = rot * cos + torch.cat([-second, first], dim=-1) * sin
+        rotated = rot * cos_N1R + torch.cat([-second, first], dim=-1) * sin_N1R
         return torch.cat([rotated, passthrough], dim=-1)
 
 
@@ -76,6 +81,51 @@ class KVCache:
         self.max_len = max_len
 
 
+class Layout:
+    """Where the N tokens that every token-wise layer works on sit in the B rows of T positions
+    that attention sees, and the position of each.
+
+    Dense: all B * T tokens are real and rows <-> tokens is a reshape. Packed (`lengths_B`):
+    row b holds lengths_B[b] real tokens, then padding; the N real tokens alone go through the
+    projections, norms, router, experts and LM head, and attention alone puts them back into
+    rows (causal masking keeps padding, which sits after every real token, out of them).
+    With a KV cache, row b continues slot slots_B[b] from position cache.lengths[slot], and
+    attention reads only the `live_len` first positions of the cache.
+    """
+
+    def __init__(self, B: int, T: int, device, lengths_B=None, cache: KVCache | None = None, slots_B=None):
+        self.B, self.T = B, T
+        steps_T = torch.arange(T, device=device)
+        self.index_N = None if lengths_B is None else (steps_T < lengths_B[:, None]).flatten().nonzero().squeeze(1)
+        starts_B = torch.zeros(B, dtype=torch.long, device=device) if cache is None else cache.lengths[slots_B]
+        self.positions_BT = starts_B[:, None] + steps_T
+        self.positions_N = self.tokens(self.positions_BT)
+        self.slots_B = slots_B
+        self.slots_N = None if cache is None else self.tokens(slots_B[:, None].expand(B, T))
+        if cache is not None:
+            self.live_len = int(self.positions_BT.max()) + 1
+            key_positions_L = torch.arange(self.live_len, device=device)
+            self.key_mask_B1TL = (key_positions_L <= self.positions_BT[:, :, None])[:, None]
+        self._rotation = None
+
+    def tokens(self, x_BT_):
+        """[B, T, ...] -> [N, ...]: the real tokens, row after row."""
+        x_N_ = x_BT_.reshape(self.B * self.T, *x_BT_.shape[2:])
+        return x_N_ if self.index_N is None else x_N_.index_select(0, self.index_N)
+
+    def rows(self, x_N_):
+        """[N, ...] -> [B, T, ...], zeros at padding."""
+        if self.index_N is not None:
+            x_N_ = x_N_.new_zeros(self.B * self.T, *x_N_.shape[1:]).index_copy(0, self.index_N, x_N_)
+        return x_N_.view(self.B, self.T, *x_N_.shape[1:])
+
+    def rotation(self, rotary: PartialRotary, dtype):
+        """The tokens' RoPE cos/sin: made by the first layer, reused by the others (all alike)."""
+        if self._rotation is None:
+            self._rotation = rotary.rotation(self.positions_N, dtype)
+        return self._rotation
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -89,40 +139,36 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.rotary = PartialRotary(cfg)
 
-    def forward(self, x_BTD, positions_BT, cache: KVCache | None, slots_B):
+    def forward(self, x_ND, layout: Layout, cache: KVCache | None):
         with profiled("attention"):
-            return self._forward(x_BTD, positions_BT, cache, slots_B)
+            N = x_ND.shape[0]
+            rotation = layout.rotation(self.rotary, x_ND.dtype)
+            q = self.rotary(self.q_norm(self.q_proj(x_ND).view(N, self.num_heads, self.head_dim)), rotation)
+            k = self.rotary(self.k_norm(self.k_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)), rotation)
+            v = self.v_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)
+            if cache is None:
+                out_BTHDh = self._attend(layout.rows(q), layout.rows(k), layout.rows(v), mask=None)
+            else:
+                keys, values = self._write_cache(cache, k, v, layout)
+                out_BTHDh = self._attend(layout.rows(q), keys, values, mask=layout.key_mask_B1TL)
+            return self.o_proj(layout.tokens(out_BTHDh).reshape(N, -1))
 
-    def _forward(self, x_BTD, positions_BT, cache: KVCache | None, slots_B):
-        B, T, _ = x_BTD.shape
-        q = self.q_norm(self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(q, positions_BT), self.rotary(k, positions_BT)
-        if cache is None:
-            out = self._attend(q, k, v, mask=None)
-        else:
-            keys, values = self._write_cache(cache, k, v, positions_BT, slots_B)
-            key_positions_L = torch.arange(cache.max_len, device=x_BTD.device)
-            mask_BTL = key_positions_L[None, None, :] <= positions_BT[:, :, None]
-            out = self._attend(q, keys, values, mask=mask_BTL[:, None])
-        return self.o_proj(out.reshape(B, T, -1))
-
-    def _write_cache(self, cache, k_BTGDh, v_BTGDh, positions_BT, slots_B):
+    def _write_cache(self, cache: KVCache, k_NGDh, v_NGDh, layout: Layout):
+        """Write the new keys/values; return the live part of the rows' slots, [B, live_len, G, Dh]."""
         layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-        layer_keys[slots_B[:, None], positions_BT] = k_BTGDh.detach()
-        layer_values[slots_B[:, None], positions_BT] = v_BTGDh.detach()
-        return layer_keys[slots_B], layer_values[slots_B]
+        layer_keys.index_put_((layout.slots_N, layout.positions_N), k_NGDh.detach())
+        layer_values.index_put_((layout.slots_N, layout.positions_N), v_NGDh.detach())
+        live = slice(0, layout.live_len)
+        return (layer_keys[:, live].index_select(0, layout.slots_B),
+                layer_values[:, live].index_select(0, layout.slots_B))
 
     def _attend(self, q_BTHDh, k_BLGDh, v_BLGDh, mask):
-        repeat = self.num_heads // self.num_kv_heads
-        q = q_BTHDh.transpose(1, 2)
-        k = k_BLGDh.transpose(1, 2).repeat_interleave(repeat, dim=1)
-        v = v_BLGDh.transpose(1, 2).repeat_interleave(repeat, dim=1)
+        """Grouped-query attention; keys/values are shared by heads without copying them per head."""
+        q, k, v = q_BTHDh.transpose(1, 2), k_BLGDh.transpose(1, 2), v_BLGDh.transpose(1, 2)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
 
 
@@ -187,11 +233,8 @@ class MoE(nn.Module):
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
-    def forward(self, x_BTD, replay_ids_BTK=None):
-        """(output_BTD, topk_ids_BTK): the layer's output and the experts each token used."""
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, D)
-        replay_ids_NK = None if replay_ids_BTK is None else replay_ids_BTK.reshape(B * T, -1)
+    def forward(self, x_ND, replay_ids_NK=None):
+        """(output_ND, topk_ids_NK): the layer's output and the experts each token used."""
         with profiled("router"):
             topk_ids_NK, weights_NK = self.route(x_ND, replay_ids_NK)
         if self.training:
@@ -200,30 +243,34 @@ class MoE(nn.Module):
         if self.shared is not None:
             with profiled("dense_ffn"):
                 y_ND = y_ND + self.shared(x_ND)
-        return y_ND.view(B, T, D), topk_ids_NK.view(B, T, -1)
+        return y_ND, topk_ids_NK
 
     def expert_ffn(self, e: int, x_MD):
         hidden = F.silu(x_MD @ self.gate_proj[e].t()) * (x_MD @ self.up_proj[e].t())
         return hidden @ self.down_proj[e].t()
 
     def experts_batched(self, x_ND, topk_ids_NK, weights_NK):
-        """Sort (token, expert) pairs by expert and run one matmul chain per expert."""
+        """Sort the M = N * K (token, expert) pairs by expert and run one matmul chain per expert."""
         with profiled("expert_dispatch"):
-            K = topk_ids_NK.shape[1]
-            flat_ids = topk_ids_NK.flatten()
-            order = flat_ids.argsort(stable=True)
-            token_of_pair = order // K
-            counts = torch.bincount(flat_ids, minlength=self.cfg.num_experts).tolist()
-            chunks = x_ND.index_select(0, token_of_pair).split(counts)
-        # unbind's backward stacks all experts' gradients once; indexing self.gate_proj[e]
-        # instead would write a full-size zero gradient per expert
+            flat_ids_M = topk_ids_NK.flatten()
+            order_M = flat_ids_M.argsort(stable=True)
+            token_M = order_M // topk_ids_NK.shape[1]
+            counts = torch.bincount(flat_ids_M, minlength=self.cfg.num_experts).tolist()
+            x_MD = x_ND.index_select(0, token_M)
+            weights_M1 = weights_NK.flatten().index_select(0, order_M)[:, None].to(x_ND.dtype)
         with profiled("expert_matmuls"):
-            experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0), chunks)
-            outputs = [(F.silu(x_MD @ gate.t()) * (x_MD @ up.t())) @ down.t()
-                       for gate, up, down, x_MD in experts if x_MD.shape[0]]
+            y_MD = self._expert_matmuls(x_MD, weights_M1, counts)
         with profiled("expert_dispatch"):
-            y_pairs = torch.cat(outputs) * weights_NK.flatten()[order, None]
-            return torch.zeros_like(x_ND).index_add_(0, token_of_pair, y_pairs.to(x_ND.dtype))
+            return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD)
+
+    def _expert_matmuls(self, x_MD, weights_M1, counts: list[int]):
+        """Each expert's SwiGLU on its contiguous run of pairs; the routing weight scales the
+        F-wide hidden (cheaper than the D-wide output). unbind's backward stacks the experts'
+        gradients once; indexing self.gate_proj[e] would write a full-size zero gradient per expert."""
+        experts = zip(self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0),
+                      x_MD.split(counts), weights_M1.split(counts))
+        return torch.cat([(F.silu(x @ gate.t()) * (x @ up.t()) * w) @ down.t()
+                          for gate, up, down, x, w in experts if x.shape[0]])
 
     def experts_reference(self, x_ND, topk_ids_NK, weights_NK):
         """Per-token, per-choice loop: the test reference for `experts_batched`."""
@@ -251,14 +298,14 @@ class Block(nn.Module):
         self.is_moe = layer_idx >= cfg.first_k_dense
         self.ffn = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_ffn_size)
 
-    def forward(self, x_BTD, positions_BT, cache, slots_B, replay_ids_BTK=None):
-        """(output_BTD, topk_ids_BTK or None for a dense block)."""
-        x_BTD = x_BTD + self.attn(self.input_norm(x_BTD), positions_BT, cache, slots_B)
+    def forward(self, x_ND, layout: Layout, cache: KVCache | None, replay_NK=None):
+        """(output_ND, topk_ids_NK or None for a dense block)."""
+        x_ND = x_ND + self.attn(self.input_norm(x_ND), layout, cache)
         if not self.is_moe:
             with profiled("dense_ffn"):
-                return x_BTD + self.ffn(self.post_attn_norm(x_BTD)), None
-        ffn_out, topk_ids_BTK = self.ffn(self.post_attn_norm(x_BTD), replay_ids_BTK)
-        return x_BTD + ffn_out, topk_ids_BTK
+                return x_ND + self.ffn(self.post_attn_norm(x_ND)), None
+        ffn_out, topk_ids_NK = self.ffn(self.post_attn_norm(x_ND), replay_NK)
+        return x_ND + ffn_out, topk_ids_NK
 
 
 class MTPLayer(nn.Module):
@@ -277,10 +324,10 @@ class MTPLayer(nn.Module):
 
     def forward(self, hidden_BTD, next_embeds_BTD):
         """The normed output, for the shared lm_head and the next depth."""
-        B, T, _ = hidden_BTD.shape
+        B, T, D = hidden_BTD.shape
         x_BTD = self.eh_proj(torch.cat([self.embed_norm(next_embeds_BTD), self.hidden_norm(hidden_BTD)], -1))
-        x_BTD, _ = self.block(x_BTD, torch.arange(T, device=x_BTD.device).expand(B, T), None, None)
-        return self.final_norm(x_BTD)
+        x_ND, _ = self.block(x_BTD.reshape(B * T, D), Layout(B, T, x_BTD.device), None)
+        return self.final_norm(x_ND.view(B, T, D))
 
 
 class MoECausalLM(nn.Module):
@@ -306,42 +353,48 @@ class MoECausalLM(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")):
                 nn.init.normal_(param, std=residual_std)
 
-    def forward(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
-        """Logits [B, T, V]; see `hidden_states` for the arguments."""
-        hidden_BTD, _ = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
-        return self.logits(hidden_BTD)
+    def forward(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None, lengths_B=None):
+        """Logits [B, T, V] ([N, V] with `lengths_B`); see `hidden_states` for the arguments."""
+        hidden, _ = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK, lengths_B)
+        return self.logits(hidden)
 
-    def logits(self, hidden_BTD):
-        return self.lm_head(self.final_norm(hidden_BTD))
+    def logits(self, hidden_D):
+        """LM-head logits of hidden states of any leading shape: [..., D] -> [..., V]."""
+        return self.lm_head(self.final_norm(hidden_D))
 
-    def forward_routed(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None):
+    def forward_routed(self, tokens_BT, cache: KVCache | None = None, slots_B=None, replay_BTLK=None,
+                       lengths_B=None):
         """(logits_BTV, routing_BTLK): also the experts each token used in each of the L MoE layers."""
-        hidden_BTD, routing_BTLK = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK)
-        return self.logits(hidden_BTD), routing_BTLK
+        hidden, routing = self.hidden_states(tokens_BT, cache, slots_B, replay_BTLK, lengths_B)
+        return self.logits(hidden), routing
 
-    def hidden_states(self, tokens_BT, cache=None, slots_B=None, replay_BTLK=None):
+    def hidden_states(self, tokens_BT, cache=None, slots_B=None, replay_BTLK=None, lengths_B=None):
         """(hidden_BTD before the final norm, routing_BTLK or None without MoE layers).
 
         Without a cache the tokens are causal from position 0. With a cache the new
         tokens of row b continue slot `slots_B[b]` at position `cache.lengths[slot]`,
         and their keys/values are written there. `replay_BTLK` (routing replay) gives
         the experts of every token in each MoE layer instead of letting the router pick.
+        With `lengths_B` only the first lengths_B[b] tokens of row b are real: no layer
+        computes the padding after them, and the results are packed, hidden_ND and
+        routing_NLK over the N real tokens, row after row.
         """
         B, T = tokens_BT.shape
-        steps_T = torch.arange(T, device=tokens_BT.device)
-        if cache is None:
-            positions_BT = steps_T.expand(B, T)
-        else:
-            positions_BT = cache.lengths[slots_B][:, None] + steps_T
-        x_BTD, routing, moe_index = self.embed(tokens_BT), [], 0
+        layout = Layout(B, T, tokens_BT.device, lengths_B, cache, slots_B)
+        x_ND = self.embed(layout.tokens(tokens_BT))
+        replay_NLK = None if replay_BTLK is None else layout.tokens(replay_BTLK)
+        routing, moe_index = [], 0
         for block in self.blocks:
-            replay_BTK = None
-            if replay_BTLK is not None and block.is_moe:
-                replay_BTK, moe_index = replay_BTLK[:, :, moe_index], moe_index + 1
-            x_BTD, topk_ids_BTK = block(x_BTD, positions_BT, cache, slots_B, replay_BTK)
-            if topk_ids_BTK is not None:
-                routing.append(topk_ids_BTK)
-        return x_BTD, torch.stack(routing, dim=2) if routing else None
+            replay_NK = None
+            if replay_NLK is not None and block.is_moe:
+                replay_NK, moe_index = replay_NLK[:, moe_index], moe_index + 1
+            x_ND, topk_ids_NK = block(x_ND, layout, cache, replay_NK)
+            if topk_ids_NK is not None:
+                routing.append(topk_ids_NK)
+        routing_NLK = torch.stack(routing, dim=1) if routing else None
+        if lengths_B is not None:
+            return x_ND, routing_NLK
+        return x_ND.view(B, T, -1), None if routing_NLK is None else routing_NLK.view(B, T, *routing_NLK.shape[1:])
 
     def mtp_logits(self, hidden_BTD, tokens_BT) -> list:
         """Logits of each MTP depth k (1-based): position t predicts token t + k + 1, t < T - k."""
