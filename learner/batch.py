@@ -1,8 +1,11 @@
 """Collate scored GRPO groups into padded training tensors.
 
-Shape legend: B sequences, T positions of the shifted sequence (prompt + completion - 1).
+Shape legend: B sequences, T positions of the shifted sequence (prompt + completion - 1),
+N real input positions of all rows, packed row after row (padding left out).
 Position t of the inputs predicts token t + 1; only positions whose target is a
 completion token are real (`mask_BT`), so prompt and padding carry no loss.
+The model runs on the N real positions only (`input_lengths`, the packed layout of
+MoECausalLM.hidden_states), so a long-tail batch costs its tokens, not B times its longest.
 """
 from dataclasses import dataclass, fields
 
@@ -27,10 +30,33 @@ class TrainBatch:
     def num_tokens(self) -> int:
         return int(self.mask_BT.sum())
 
+    @property
+    def lengths_B(self) -> torch.Tensor:
+        return input_lengths(self.mask_BT)
+
     def to(self, device: torch.device) -> "TrainBatch":
         """The same batch with every tensor on `device`."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return TrainBatch(**{name: None if value is None else value.to(device) for name, value in moved.items()})
+
+
+def input_lengths(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Real input positions of each row: through its last completion target (P + C - 1), 0 without one."""
+    T = mask_BT.shape[1]
+    last_B = T - 1 - mask_BT.flip(1).int().argmax(1)
+    return torch.where(mask_BT.any(1), last_B + 1, 0)
+
+
+def packed_mask(mask_BT: torch.Tensor) -> torch.Tensor:
+    """mask_BT over the N packed real positions: which of them have a completion target."""
+    real_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device) < input_lengths(mask_BT)[:, None]
+    return mask_BT[real_BT]
+
+
+def unpack(values_N_: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """[N, ...] packed real positions -> [B, T, ...], zeros at padding."""
+    real_BT = torch.arange(mask_BT.shape[1], device=mask_BT.device) < input_lengths(mask_BT)[:, None]
+    return values_N_.new_zeros(*mask_BT.shape, *values_N_.shape[1:]).index_put((real_BT,), values_N_)
 
 
 def group_rewards(groups) -> torch.Tensor:

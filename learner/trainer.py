@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conf.schema import AlgoConfig, LearnerConfig
-from learner.batch import TrainBatch
+from learner.batch import TrainBatch, input_lengths, packed_mask, unpack
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.losses import IcePopParams, icepop_loss, sequence_logprobs
 from learner.sharding import all_reduce_expert_load
@@ -55,11 +55,12 @@ class Trainer:
     def sft_step(self, inputs_BT, targets_BT, mask_BT) -> dict:
         """Cross-entropy on the completion tokens of warm-up demonstrations (+ weighted MTP losses)."""
         self.model.train()
-        with self._autocast():
-            hidden_BTD, _ = self.model.hidden_states(inputs_BT)
-            logits_BTV = self.model.logits(hidden_BTD)
-            mtp_logits_list = self.model.mtp_logits(hidden_BTD, inputs_BT)
-        loss = F.cross_entropy(logits_BTV[mask_BT].float(), targets_BT[mask_BT])
+        with self._autocast():  # packed: the model computes the real positions only, the LM head the targets
+            hidden_ND, _ = self.model.hidden_states(inputs_BT, lengths_B=input_lengths(mask_BT))
+            logits_MV = self.model.logits(hidden_ND[packed_mask(mask_BT)])
+            mtp_logits_list = (self.model.mtp_logits(unpack(hidden_ND, mask_BT), inputs_BT)
+                               if self.model.cfg.num_mtp_layers else [])
+        loss = F.cross_entropy(logits_MV.float(), targets_BT[mask_BT])
         stats = {"sft_loss": loss.item()}
         for depth, mtp_logits in enumerate(mtp_logits_list, start=1):
             mtp_mask = mask_BT[:, depth:]
@@ -84,9 +85,12 @@ class Trainer:
     def rl_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
         """The IcePop loss of `batch` under the current weights, and its statistics."""
         self.model.train()
-        with self._autocast():
-            logits_BTV = self.model(batch.inputs_BT, replay_BTLK=batch.replay_BTLK)
-        logp_new_BT = sequence_logprobs(logits_BTV, batch.targets_BT, self.temperature)
+        with self._autocast():  # packed: the model computes the real positions only, the LM head the targets
+            hidden_ND, _ = self.model.hidden_states(batch.inputs_BT, replay_BTLK=batch.replay_BTLK,
+                                                    lengths_B=batch.lengths_B)
+            logits_MV = self.model.logits(hidden_ND[packed_mask(batch.mask_BT)])
+        logp_new_M = sequence_logprobs(logits_MV, batch.targets_BT[batch.mask_BT], self.temperature)
+        logp_new_BT = logp_new_M.new_zeros(batch.mask_BT.shape).masked_scatter(batch.mask_BT, logp_new_M)
         lag_BT = self.version - batch.versions_BT
         loss, stats = icepop_loss(logp_new_BT, logp_new_BT.detach(), batch.behavior_logprobs_BT,
                                   batch.advantages_B, batch.mask_BT, self.params, lag_BT=lag_BT)
