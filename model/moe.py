@@ -268,7 +268,7 @@ class MoE(nn.Module):
         with profiled("expert_matmuls"):
             y_MD = self._expert_matmuls(x_MD, weights_M1, counts)
         with profiled("expert_dispatch"):
-            return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD)
+            return torch.zeros_like(x_ND).index_add_(0, token_M, y_MD.to(x_ND.dtype))  # bf16 under autocast
 
     def _expert_matmuls(self, x_MD, weights_M1, counts: list[int]):
         """Each expert's SwiGLU on its contiguous run of pairs; the routing weight scales the
