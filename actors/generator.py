@@ -30,6 +30,7 @@ from comm.weights import WeightSubscriber, init_weight_group
 from comm.wire import Trajectory
 from conf.schema import Config
 from model.engine import GenerationEngine, Rollout, generate
+from model.flops import matmul_peak_flops
 from model.moe import MoECausalLM
 
 IDLE_WAIT_S = 0.05
@@ -47,6 +48,8 @@ class Generator:
                                     ray.get_runtime_context().get_node_id(), ray.get_gpu_ids())
         model = cast_parameters(MoECausalLM(cfg.model), compute_dtype(self.placement))
         self.model = model.to(self.placement.torch_device()).eval()
+        self.peak_flops = matmul_peak_flops(cfg.model.hidden_size, cfg.generator.torch_threads,
+                                            self.placement.torch_device(), compute_dtype(self.placement))  # for MFU
         tok = self.task.tokenizer
         self.engine = GenerationEngine(self.model, cfg.generator.max_slots, cfg.model.max_seq_len,
                                        tok.eos_id, tok.pad_id, cfg.generator.max_new_tokens,
@@ -206,6 +209,7 @@ class Generator:
     def stats(self) -> dict:
         self._raise_if_failed()
         return {**self.counters, "pid": os.getpid(), "device": self.placement.describe(), "busy_s": self.busy_s,
+                "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops,
                 "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}

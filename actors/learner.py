@@ -30,7 +30,7 @@ from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
 from actors.ledger import root_of
-from comm.placement import Placement, place_here
+from comm.placement import Placement, compute_dtype, place_here
 from comm.weights import WeightPublisher, free_port, init_weight_group
 from comm.wire import decode_group, encode_group
 from conf.schema import Config
@@ -59,7 +59,8 @@ class Learner:
         self.device = self.placement.torch_device()
         self.model = MoECausalLM(cfg.model).to(self.device)  # float32 master weights on either device
         self.wire_dtypes: dict[str, torch.dtype] = {}  # what each weight travels in to the generators
-        self.peak_flops = matmul_peak_flops(cfg.model.hidden_size, cfg.learner.torch_threads)  # for MFU
+        self.peak_flops = matmul_peak_flops(cfg.model.hidden_size, cfg.learner.torch_threads, self.device,
+                                            compute_dtype(self.placement))  # for MFU
         self.trainer: Trainer | None = None
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.flops import forward_flops, sequence_forward_flops
 from model.moe import KVCache, MoECausalLM, profiled
 
 
@@ -78,6 +79,7 @@ class GenerationEngine:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.rng = torch.Generator(device=self.device).manual_seed(seed)
         self.version = 0
+        self.model_flops = 0.0  # forward FLOPs of every prefill and decode step so far (the generator's MFU)
         self._free = list(range(max_slots - 1, -1, -1))
         self._pending: list[Rollout] = []
         self._running: list[Rollout] = []
@@ -155,6 +157,7 @@ class GenerationEngine:
         tokens_BT = torch.tensor(rows, device=self.device)
         lengths_B = torch.tensor(lengths, device=self.device)
         slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
+        self.model_flops += sequence_forward_flops(self.model.cfg, lengths)
         self.cache.lengths[slots_B] = 0
         hidden_ND, routing_NLK = self.model.hidden_states(tokens_BT, self.cache, slots_B, lengths_B=lengths_B)
         self.cache.lengths[slots_B] = lengths_B
@@ -167,6 +170,9 @@ class GenerationEngine:
     def _decode(self, rollouts: list[Rollout]) -> list[Rollout]:
         tokens_B1 = torch.tensor([[r.completion_tokens[-1]] for r in rollouts], device=self.device)
         slots_B = torch.tensor([r.slot for r in rollouts], device=self.device)
+        # each fed token sits at position len(sequence) - 1 and attends over len(sequence) keys
+        attended = sum(len(r.prompt_tokens) + len(r.completion_tokens) for r in rollouts)
+        self.model_flops += forward_flops(self.model.cfg, len(rollouts), attended)
         hidden_B1D, routing_B1LK = self.model.hidden_states(tokens_B1, self.cache, slots_B)
         self.cache.lengths[slots_B] += 1
         if self.record_routing:

@@ -70,17 +70,20 @@ def mfu(flops: float, seconds: float, peak_flops: float) -> float:
     return flops / (seconds * peak_flops)
 
 
-def matmul_peak_flops(width: int, threads: int) -> float:
-    """Float32 matmul FLOP/s of this machine at the model's width, on `threads` torch threads.
+def matmul_peak_flops(width: int, threads: int, device: torch.device = torch.device("cpu"),
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s of this machine at the model's width: float32 on `threads` CPU threads, or
+    on a GPU in the dtype the actor computes in (bf16).
 
-    Measured once per machine, width, thread count and torch version with a
-    [4096, width] @ [width, 4 * width] matmul (best of 5), then read from a JSON
-    cache in ~/.cache/ringrl/. The measurement sets the torch thread count and restores it.
+    Measured once per machine (and GPU model), width, thread count, dtype and torch version with
+    a [4096, width] @ [width, 4 * width] matmul (best of 5), then read from a JSON cache in
+    ~/.cache/ringrl/. The measurement sets the torch thread count and restores it.
     """
-    key = f"{_machine()}|width={width}|threads={threads}|torch={torch.__version__}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads={threads}"
+    key = f"{_machine()}|width={width}|{where}|{str(dtype).removeprefix('torch.')}|torch={torch.__version__}"
     cache = json.loads(PEAK_CACHE.read_text()) if PEAK_CACHE.exists() else {}
     if key not in cache:
-        cache[key] = _measure_matmul_flops(width, threads)
+        cache[key] = _measure_matmul_flops(width, threads, device, dtype)
         PEAK_CACHE.parent.mkdir(parents=True, exist_ok=True)
         temporary = PEAK_CACHE.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(cache, indent=1))
@@ -88,21 +91,28 @@ def matmul_peak_flops(width: int, threads: int) -> float:
     return cache[key]
 
 
-def _measure_matmul_flops(width: int, threads: int) -> float:
+def _measure_matmul_flops(width: int, threads: int, device: torch.device, dtype: torch.dtype) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        a = torch.randn(PEAK_ROWS, width)
-        b = torch.randn(width, 4 * width)
+        a = torch.randn(PEAK_ROWS, width, device=device, dtype=dtype)
+        b = torch.randn(width, 4 * width, device=device, dtype=dtype)
         out = a @ b  # warm-up, and the output buffer reused below
         best = float("inf")
         for _ in range(PEAK_REPEATS):
+            _synchronize(device)
             start = time.perf_counter()
             torch.matmul(a, b, out=out)
+            _synchronize(device)
             best = min(best, time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
     return 2.0 * PEAK_ROWS * width * 4 * width / best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _machine() -> str:

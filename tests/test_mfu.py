@@ -5,6 +5,9 @@ import pytest
 
 from actors.record import Recorder, mfu
 from conf.load import load_config
+from model.engine import GenerationEngine, generate
+from model.flops import generation_flops, matmul_params_per_token, training_flops
+from tests.test_model import tiny_model
 
 
 def totals(generator_flops: float, learner_flops: float, wall: float) -> dict:
@@ -27,3 +30,22 @@ def test_recorder_counts_rates_from_the_start_of_rl(tmp_path):
     recorder.finish("finished", {})
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mfu"]["mfu/learner"] == pytest.approx(120 / (4 * 30), rel=0.05)
+
+
+def test_model_flops_by_hand():
+    cfg = tiny_model().cfg  # D 64, 3 layers (1 dense), 4 heads, 2 kv heads, Dh 16, 8 experts top-2, F 32, V 20
+    attention = 64 * (4 + 2 * 2) * 16 + 4 * 16 * 64          # q, k, v and o projections
+    dense = 3 * 64 * cfg.dense_ffn_size
+    moe = 64 * 8 + 3 * 64 * 32 * (2 + 1)                       # router, top-2 routed + 1 shared expert
+    params = 3 * attention + dense + 2 * moe + 64 * 20         # + the LM head
+    assert matmul_params_per_token(cfg) == params
+    # a sequence of 5 positions: 5 tokens through the weights, 1 + 2 + ... + 5 = 15 keys attended
+    assert training_flops(cfg, [5]) == 3 * (2 * params * 5 + 4 * 4 * 16 * 3 * 15)
+
+
+def test_engine_counts_the_flops_of_what_it_generated():
+    model = tiny_model().eval()
+    engine = GenerationEngine(model, max_slots=2, max_len=48, eos_id=-1, pad_id=0, max_new_tokens=6, temperature=1.0)
+    rollouts = generate(engine, [("a", [1, 5, 6, 7]), ("b", [1, 9, 4]), ("c", [1, 3, 3, 3, 3, 8])])
+    expected = sum(generation_flops(model.cfg, len(r.prompt_tokens), len(r.completion_tokens)) for r in rollouts)
+    assert engine.model_flops == pytest.approx(expected)
