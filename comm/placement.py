@@ -67,7 +67,7 @@ def place_here(role: str, setting: str, node: str, granted_gpus: list) -> Placem
     for torch's CUDA major version is installed (checked only on a GPU)."""
     cuda_usable = bool(granted_gpus) and torch.cuda.is_available()
     placement = place(role, setting, node, granted_gpus, cuda_usable, cuda_usable and _cupy_matches_torch())
-    logger.info("{} placed on {}, computing in {}", role, placement.describe(),
+    logger.info("placed on {}, computing in {}", placement.describe(),
                 str(compute_dtype(placement)).removeprefix("torch."))
     return placement
 
