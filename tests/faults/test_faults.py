@@ -64,7 +64,7 @@ def test_generator_killed_during_a_broadcast_is_reported_within_the_timeout(tmp_
     timeout_s = 10
     run_dir = tmp_path / "broadcast"
     # tiny buckets: a broadcast takes long enough to be caught in the middle of it
-    proc = start(run_dir, "generator.num=2", "run.steps=8", "comm.bucket_mb=0.002",
+    proc = start(run_dir, "generator.num=2", "run.steps=8", "comm.bucket_mb=0.0005",
                  f"comm.collective_timeout_s={timeout_s}", f"run.on_actor_failure={policy}")
     wait_for_step(run_dir, 2, proc)
     learner, generator = pid_of(run_dir, "learner-0"), pid_of(run_dir, "generator-1")
