@@ -241,6 +241,9 @@ def pool_totals(counters: dict) -> dict:
     for role in MFU_ROLES:
         totals[f"{role}_flops"] = total("model_flops", role)
         totals[f"{role}_peak_flops"] = total("peak_flops", role)
+        for name, c in counters.items():
+            for phase, seconds in (c or {}).get("phases", {}).items() if name.startswith(role) else ():
+                totals[f"phases/{role}/{phase}"] = totals.get(f"phases/{role}/{phase}", 0.0) + seconds
     return totals
 
 

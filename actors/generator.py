@@ -21,6 +21,7 @@ import numpy as np
 import ray
 import torch
 
+from actors.phases import PhaseClock
 from actors.tasks import build_task
 from comm.auth import ChannelKeys
 from comm.channel import TrajectorySender
@@ -78,6 +79,7 @@ class Generator:
         self.new_fates: dict[str, str] = {}  # prompt uid -> fate, until the driver takes them
         self.hold_requested, self.held = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
+        self.clock = PhaseClock()
         self.failure: BaseException | None = None
 
     def placement_info(self) -> Placement:
@@ -96,6 +98,7 @@ class Generator:
         self._raise_if_failed()
 
     def start(self, judge_endpoints: list[str]) -> None:
+        self.clock = PhaseClock()  # the decode thread's time, phase by phase, from now on
         self.thread = threading.Thread(target=self._run, args=(judge_endpoints,), daemon=True,
                                        name=f"generator-{self.rank}-decode")
         self.thread.start()
@@ -209,7 +212,7 @@ class Generator:
     def stats(self) -> dict:
         self._raise_if_failed()
         return {**self.counters, "pid": os.getpid(), "device": self.placement.describe(), "busy_s": self.busy_s,
-                "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops,
+                "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
                 "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}
@@ -230,19 +233,23 @@ class Generator:
         sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
         try:
             while not self.stopping.is_set():
-                with self.applied:
+                with self.clock.phase("loading_weights"), self.applied:
                     self._apply_staged()
                 if self.hold_requested.is_set():
-                    self.held.set()  # a checkpoint is being taken: no step until release
-                    time.sleep(IDLE_WAIT_S)
+                    with self.clock.phase("held"):
+                        self.held.set()  # a checkpoint is being taken: no step until release
+                        time.sleep(IDLE_WAIT_S)
                     continue
                 if not self.round_open:
-                    time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
+                    with self.clock.phase("paused_for_round"):
+                        time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
                     continue
-                self._fill_slots()
-                self._set_idle(not self.engine.num_active)
+                with self.clock.phase("decoding"):
+                    self._fill_slots()
+                    self._set_idle(not self.engine.num_active)
                 if self.idle:
-                    time.sleep(IDLE_WAIT_S)
+                    with self.clock.phase("idle"):
+                        time.sleep(IDLE_WAIT_S)  # no prompt admitted
                     continue
                 self._decode_step(sender)
         except BaseException as err:  # reaches the driver through the next method call
@@ -256,16 +263,18 @@ class Generator:
 
     def _decode_step(self, sender: TrajectorySender) -> None:
         start = time.perf_counter()
-        with self.step_lock:
+        with self.clock.phase("decoding"), self.step_lock:
             finished = self.engine.step()
         self.busy_s += time.perf_counter() - start
         emitted = self.engine.num_active + len(finished)
         self.counters["generated_tokens"] += emitted
         self.round_tokens += emitted
-        for rollout in finished:
-            self._collect(rollout, sender)
+        with self.clock.phase("sending"):  # blocks only at the judges' high-water mark
+            for rollout in finished:
+                self._collect(rollout, sender)
         if self.round_budget and self.round_tokens >= self.round_budget:
-            self._close_round()
+            with self.clock.phase("decoding"):
+                self._close_round()
 
     def _close_round(self) -> None:
         """Pause every unfinished rollout; one cut more than sigma times purges its group."""

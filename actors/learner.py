@@ -25,6 +25,7 @@ import msgpack
 import ray
 import torch
 
+from actors.phases import PhaseClock, timed
 from actors.tasks import build_task
 from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
@@ -69,6 +70,7 @@ class Learner:
         self.received = 0                         # groups received since the start (C3PO++ rounds)
         self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
         self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
+        self.clock = PhaseClock(rest="between_calls")  # waiting for a batch, training, publishing
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
     def address(self) -> tuple[str, int]:
@@ -106,6 +108,7 @@ class Learner:
         """What generators need: parameters and persistent buffers (the expert bias)."""
         return list(self.model.state_dict().items())
 
+    @timed("warmup")
     def warmup(self) -> dict:
         """Supervised warm-up on the task's imperfect demonstrations (each rank its own share).
 
@@ -125,6 +128,7 @@ class Learner:
             torch.set_num_threads(self.cfg.learner.torch_threads)
         return {**stats, "warmup_s": time.perf_counter() - start, "warmup_threads": threads}
 
+    @timed("publishing")
     def publish(self) -> dict:
         """Broadcast the weights as version `trainer.version`; every learner rank gathers with rank 0.
 
@@ -154,6 +158,7 @@ class Learner:
             gather_the_rest()
             raise
 
+    @timed("waiting")
     def collect(self, wait_s: float, until_groups: int | None = None) -> dict:
         """Receive into the buffer for up to `wait_s`, returning early once the batch is ready.
 
@@ -169,6 +174,7 @@ class Learner:
         return {"ready": self._batch_ready(until_groups), "buffered": self.buffered_uids(),
                 "fates": self.take_fates()}
 
+    @timed("waiting")
     def absorb(self, quiet_s: float) -> dict:
         """Buffer whatever arrives until `quiet_s` passes without a group (checkpoints drain the wire)."""
         while (group := self.receiver.recv_group(timeout_s=quiet_s)) is not None:
@@ -205,6 +211,7 @@ class Learner:
         taken, self.buffer = self.buffer[:count], self.buffer[count:]
         return sorted((group for _, group in taken), key=lambda group: group[0].prompt_uid)
 
+    @timed("training")
     def train_step(self, until_groups: int | None = None) -> dict:
         """One IcePop step with the other ranks on the collected batch (none if it is empty)."""
         if not self._batch_ready(until_groups):
@@ -263,9 +270,10 @@ class Learner:
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
         return {**self.counters, **drops, "pid": os.getpid(), "device": self.placement.describe(),
-                "peak_flops": self.peak_flops,
+                "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
                 "version": self.trainer.version if self.trainer else 0}
 
+    @timed("checkpointing")
     def save(self, directory: str) -> list[str]:
         """Every rank writes its shard of model, optimizer and trainer state (DCP) and its buffer;
         returns the files this rank wrote (relative to `directory`)."""

@@ -76,6 +76,7 @@ class Recorder:
             record["generated_tokens_per_s"] = new_tokens / elapsed
             record["trained_tokens_per_s"] = record.get("trained_tokens", 0) / elapsed
             record.update(mfu(previous, record, elapsed))
+            record.update(phase_shares(previous, record))
             if self.round_token_budget:
                 record["round_budget_utilisation"] = new_tokens / self.round_token_budget
         self.steps.append(record)
@@ -165,6 +166,19 @@ def mfu(before: dict, after: dict, seconds: float) -> dict:
     if sum(peaks.values()):
         figures["mfu/run"] = sum(done.values()) / (seconds * sum(peaks.values()))
     return figures
+
+
+def phase_shares(before: dict, after: dict) -> dict:
+    """Each role's share of time per phase between two step records, from the summed phase seconds
+    (`phases/<role>/<phase>`, `phases/<role>/wall` summed over the role's actors)."""
+    shares = {}
+    for key, seconds in after.items():
+        if key.startswith("phases/") and not key.endswith("/wall"):
+            wall_key = key.rsplit("/", 1)[0] + "/wall"
+            wall = after[wall_key] - before.get(wall_key, 0.0)
+            if wall > 0:
+                shares[f"share/{key.removeprefix('phases/')}"] = (seconds - before.get(key, 0.0)) / wall
+    return shares
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

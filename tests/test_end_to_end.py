@@ -45,9 +45,22 @@ def test_short_run_learns(tmp_path):
     assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
     assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
     assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
+    assert_figures_of_the_run(summary, steps)
     for name in ("learning_curve.png", "checkpoints/step-000040/model/.metadata", "checkpoints/step-000040/driver.json",
                  "checkpoints/step-000040/MANIFEST.json", "config.json", "actors.json"):
         assert (tmp_path / "e2e" / name).exists(), name
+
+
+def assert_figures_of_the_run(summary: dict, steps: list[dict]) -> None:
+    """Devices, MFU and the actors' timelines are reported; a generator's phases cover its wall time."""
+    assert summary["weight_path"] == "gloo" and summary["actors"]["generator-0"]["device"].startswith("cpu")
+    assert 0 < summary["mfu"]["mfu/run"] < 1 and all(0 < r["mfu/learner"] < 1 for r in steps)
+    phases = summary["actors"]["generator-0"]["phases"]
+    assert phases["unaccounted"] <= 0.02 * phases["wall"], phases
+    assert phases["decoding"] > 0 and summary["actors"]["learner-0"]["phases"]["training"] > 0
+    for role in ("generator", "learner"):  # each step's shares of a role's time add up to one
+        shares = [sum(v for k, v in r.items() if k.startswith(f"share/{role}/")) for r in steps[1:]]
+        assert all(abs(total - 1) <= 0.02 for total in shares), shares
 
 
 def assert_every_sample_accounted_for(summary: dict) -> None:
