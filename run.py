@@ -202,6 +202,8 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
             stats = train_step(sup, until_groups)
         with recorder.timer("weight_sync"):
             sync = sup.sync_weights()
+        with recorder.timer("admit"):  # refill at once with what the step consumed: the new weights are out
+            admit(sup, task, progress)
         sup.settle({uid: fate for fates in sup.call(async_on_generators(sup.system, "take_fates")).values()
                     if fates for uid, fate in fates.items()})
         counters = sup.call(async_stats(sup.system))
