@@ -41,8 +41,9 @@ def finish(proc: subprocess.Popen, returncode: int = 0) -> str:
 
 
 def step_records(run_dir: Path) -> list[dict]:
+    """The step records the run has written so far; a line still being written (no newline yet) is left out."""
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
     return [record for record in map(json.loads, lines) if "step" in record]
 
 
