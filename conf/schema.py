@@ -192,10 +192,15 @@ class PlanConfig:
     grad_bytes: int = _f(2, "bytes per gradient element (bf16: 2)")
     optimizer_bytes_per_param: int = _f(12, "optimizer state per parameter (fp32 master + 2 Adam moments: 12)")
     expert_parallel: int = _f(0, "EP degree of the FSDP+EP plan (0: gcd(learner.num, model.num_experts))")
-    link_gbps: float = _f(400.0, "bandwidth into one generator replica for weight sync, Gbit/s")
+    link_gbps: float = _f(400.0, "bandwidth of one weight-sync link, Gbit/s: into a generator replica (today's "
+                                 "path), or of each replica GPU and each learner rank (the sharded path)")
     bucket_efficiency: float = _f(0.88, "fraction of link_gbps the bucketed broadcast achieves: measured ours/raw "
                                         "bandwidth of bench/weight_sync.py (median of its 28 rows at >= 100M params, "
                                         "1-4 subscribers, 16 MiB buckets, gloo on 2 CPUs; bench/RESULTS.md, issue 5)")
+    gpus_per_replica: int = _f(0, "GPUs of one inference (generator) replica in the sharded point-to-point sync "
+                                  "plan, one link each; 0: the fewest whose plan.gpu_memory_gb hold the weights")
+    gpu_memory_gb: float = _f(141.0, "memory of one inference GPU, GB = 1e9 bytes (H200: 141); a replica GPU's "
+                                     "weight shard must fit in it")
 
 
 @dataclass

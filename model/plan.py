@@ -14,11 +14,17 @@ Definitions used throughout:
 - bytes: parameters, gradients and optimizer state at `plan.param_bytes`,
   `plan.grad_bytes` and `plan.optimizer_bytes_per_param` per parameter; FSDP
   padding, activations and communication buffers are not counted. GB = 1e9 bytes.
+- weight sync: one policy version at `plan.param_bytes` per parameter, on links of
+  `plan.link_gbps` at `plan.bucket_efficiency`. Today's path: each generator replica
+  receives the whole model through one link. The sharded point-to-point path: each
+  replica spread over `plan.gpus_per_replica` GPUs with a link each, every learner rank
+  sending its FSDP shard straight to the replica GPUs that hold it, all links at once.
 """
 import math
 
 import torch
 
+from conf.load import ConfigError
 from conf.schema import Config
 from model.moe import Attention, MoE, MoECausalLM, RMSNorm, SwiGLU
 
@@ -112,10 +118,49 @@ def weight_sync(cfg: Config, total_params: int) -> dict[str, float]:
     the same bytes, as bench/weight_sync.py measures it (bench/RESULTS.md).
     """
     replica_bytes = total_params * cfg.plan.param_bytes
-    bytes_per_s = cfg.plan.link_gbps * 1e9 / 8 * cfg.plan.bucket_efficiency
     return {"replica_bytes": replica_bytes, "total_bytes": replica_bytes * cfg.generator.num,
             "buckets": math.ceil(replica_bytes / (cfg.comm.bucket_mb * 2**20)),
-            "seconds": replica_bytes / bytes_per_s}
+            "seconds": replica_bytes / link_bytes_per_s(cfg)}
+
+
+def link_bytes_per_s(cfg: Config) -> float:
+    """What one weight-sync link carries: `plan.link_gbps` at `plan.bucket_efficiency`."""
+    return cfg.plan.link_gbps * 1e9 / 8 * cfg.plan.bucket_efficiency
+
+
+def replica_gpus(cfg: Config, replica_bytes: float) -> int:
+    """`plan.gpus_per_replica`, or by default the fewest GPUs whose memory holds the replica's
+    weights; raises ConfigError when a GPU cannot hold its shard of the weights alone."""
+    p = cfg.plan
+    gpu_bytes = p.gpu_memory_gb * 1e9
+    if p.gpus_per_replica < 0 or gpu_bytes <= 0:
+        raise ConfigError(f"plan.gpus_per_replica ({p.gpus_per_replica}) must be >= 0 and plan.gpu_memory_gb "
+                          f"({p.gpu_memory_gb:g}) > 0")
+    fewest = math.ceil(replica_bytes / gpu_bytes)
+    gpus = p.gpus_per_replica or fewest
+    if replica_bytes / gpus > gpu_bytes:
+        raise ConfigError(f"plan.gpus_per_replica ({gpus}): each replica GPU would hold {_gb(replica_bytes / gpus)} "
+                          f"GB of the {_gb(replica_bytes)} GB of weights, more than plan.gpu_memory_gb "
+                          f"({p.gpu_memory_gb:g}); the weights need at least {fewest} GPUs per replica")
+    return gpus
+
+
+def sharded_weight_sync(cfg: Config, total_params: int) -> dict[str, float]:
+    """Bytes per link and time of one policy version over the sharded point-to-point path.
+
+    Each replica GPU receives replica_bytes / gpus_per_replica over its own link; each of the
+    learner.num ranks sends its FSDP shard (replica_bytes / learner.num) to every one of the
+    generator.num replicas over its own link. All links run at once, so a version takes the
+    slower side. Links run at `link_bytes_per_s`, as in `weight_sync`; no per-bucket latency.
+    """
+    replica_bytes = total_params * cfg.plan.param_bytes
+    gpus = replica_gpus(cfg, replica_bytes)
+    receive_bytes, shard_bytes = replica_bytes / gpus, replica_bytes / cfg.learner.num
+    send_bytes = shard_bytes * cfg.generator.num
+    receive_s, send_s = receive_bytes / link_bytes_per_s(cfg), send_bytes / link_bytes_per_s(cfg)
+    return {"gpus_per_replica": gpus, "receive_bytes": receive_bytes, "shard_bytes": shard_bytes,
+            "send_bytes": send_bytes, "headroom_bytes": cfg.plan.gpu_memory_gb * 1e9 - receive_bytes,
+            "receive_seconds": receive_s, "send_seconds": send_s, "seconds": max(receive_s, send_s)}
 
 
 def _b(n: float) -> str:
@@ -160,20 +205,40 @@ def _shard_lines(cfg: Config, counts: dict[str, int]) -> list[str]:
 
 def _sync_lines(cfg: Config, total_params: int) -> list[str]:
     p, sync = cfg.plan, weight_sync(cfg, total_params)
-    return [f"weight sync per policy version ({p.param_bytes} B per parameter)",
+    return [f"weight sync per policy version ({p.param_bytes} B per parameter), today's path: each generator "
+            f"replica receives the whole model through one link",
             f"  per generator replica     {_gb(sync['replica_bytes'])} GB in {sync['buckets']:,} buckets "
-            f"of {cfg.comm.bucket_mb:g} MiB",
+            f"of {cfg.comm.bucket_mb:g} MiB (the bytes on each replica's link)",
             f"  {f'all {cfg.generator.num} replicas':<26}{_gb(sync['total_bytes'])} GB",
             f"  projected time            {sync['seconds']:.1f} s at {p.link_gbps:g} Gbit/s per replica x "
             f"bucket efficiency {p.bucket_efficiency:g} (replicas in parallel)"]
 
 
+def _sharded_sync_lines(cfg: Config, total_params: int) -> list[str]:
+    p, today, sync = cfg.plan, weight_sync(cfg, total_params), sharded_weight_sync(cfg, total_params)
+    gpus, ranks, replicas = sync["gpus_per_replica"], cfg.learner.num, cfg.generator.num
+    binds = ("the receive side binds" if sync["receive_seconds"] >= sync["send_seconds"] else
+             f"the send side binds: {replicas} replicas x {gpus} GPUs outnumber the {ranks} learner ranks")
+    return [f"sharded point-to-point weight sync per policy version: {replicas} replicas of {gpus} GPUs "
+            f"(plan.gpus_per_replica{'' if p.gpus_per_replica else ', auto: the fewest that hold the weights'}); "
+            f"each of the {ranks} learner ranks sends its shard straight to the GPUs that hold it; one "
+            f"{p.link_gbps:g} Gbit/s link x bucket efficiency {p.bucket_efficiency:g} per GPU and per rank, "
+            f"all at once",
+            f"  receive link per GPU      {_gb(sync['receive_bytes'])} GB in {sync['receive_seconds']:.2f} s; "
+            f"{_gb(sync['headroom_bytes'])} GB of the GPU's {p.gpu_memory_gb:g} GB left beside the weights",
+            f"  send link per rank        {_gb(sync['send_bytes'])} GB in {sync['send_seconds']:.2f} s "
+            f"({_gb(sync['shard_bytes'])} GB shard x {replicas} replicas)",
+            f"  projected time            {sync['seconds']:.2f} s ({binds}; today's path {today['seconds']:.1f} s)"]
+
+
 def plan_report(cfg: Config) -> str:
-    """The printed plan: parameter counts, per-rank learner memory, weight-sync volume and time."""
+    """The printed plan: parameter counts, per-rank learner memory, weight-sync volume and time on
+    today's path and the sharded one; raises ConfigError when a replica GPU cannot hold its shard."""
     m, counts = cfg.model, count_parameters(cfg)
+    total = sum(counts.values())
     header = (f"plan for model.preset={m.preset}: {m.num_layers} layers ({m.first_k_dense} dense), "
               f"hidden {m.hidden_size}, {m.num_experts} experts top-{m.top_k} + {m.num_shared_experts} shared, "
               f"vocab {m.vocab_size}, {m.num_mtp_layers} MTP layers")
     sections = [[header], _parameter_lines(cfg, counts), _shard_lines(cfg, counts),
-                _sync_lines(cfg, sum(counts.values()))]
+                _sync_lines(cfg, total), _sharded_sync_lines(cfg, total)]
     return "\n\n".join("\n".join(lines) for lines in sections)

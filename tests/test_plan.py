@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from conf.load import load_config
+from conf.load import ConfigError, load_config
 from conf.schema import Config, ModelConfig
 from model.moe import MoECausalLM
-from model.plan import active_counts, count_parameters, shard_plans, weight_sync
+from model.plan import active_counts, count_parameters, shard_plans, sharded_weight_sync, weight_sync
 from tests.conftest import REPO_ROOT
 
 TINY = dict(vocab_size=20, hidden_size=64, num_layers=3, first_k_dense=1, num_heads=4, num_kv_heads=2,
@@ -84,6 +84,64 @@ def test_weight_sync_time_from_link_and_efficiency():
     assert sync["seconds"] == pytest.approx(2_000_000 / (8e9 / 8 * 0.5))
 
 
+def sharded_config(gpus_per_replica: int) -> Config:
+    """Links of 8 Gbit/s at efficiency 0.5 (5e8 B/s), replica GPUs of 1.2 MB, 4 learner ranks, 3 replicas."""
+    cfg = tiny_config()
+    cfg.learner.num, cfg.generator.num = 4, 3
+    cfg.plan.link_gbps, cfg.plan.bucket_efficiency, cfg.plan.gpu_memory_gb = 8.0, 0.5, 0.0012
+    cfg.plan.gpus_per_replica = gpus_per_replica
+    return cfg
+
+
+def test_sharded_sync_by_hand():
+    # 1M parameters at 2 B: 2 MB per replica, over 2 GPUs: 1 MB per receive link in 1e6 / 5e8 = 2 ms;
+    # each of 4 learner ranks holds 0.5 MB and sends it to 3 replicas: 1.5 MB per send link in 3 ms
+    sync = sharded_weight_sync(sharded_config(gpus_per_replica=2), total_params=1_000_000)
+    assert sync["gpus_per_replica"] == 2
+    assert sync["receive_bytes"] == 1_000_000 and sync["shard_bytes"] == 500_000
+    assert sync["send_bytes"] == 1_500_000
+    assert sync["headroom_bytes"] == pytest.approx(200_000)  # 1.2 MB GPU - 1 MB shard
+    assert sync["receive_seconds"] == pytest.approx(0.002) and sync["send_seconds"] == pytest.approx(0.003)
+    assert sync["seconds"] == pytest.approx(0.003)  # the send side binds
+    one_replica = sharded_config(gpus_per_replica=2)
+    one_replica.generator.num = 1  # 0.5 MB per send link in 1 ms: now the receive side binds
+    assert sharded_weight_sync(one_replica, total_params=1_000_000)["seconds"] == pytest.approx(0.002)
+    # auto: 2 MB of weights need ceil(2 / 1.2) = 2 GPUs of 1.2 MB
+    assert sharded_weight_sync(sharded_config(gpus_per_replica=0), total_params=1_000_000)["gpus_per_replica"] == 2
+
+
+def test_sharded_sync_refuses_a_replica_too_small_for_its_shard():
+    with pytest.raises(ConfigError, match=r"plan\.gpus_per_replica \(1\).*at least 2 GPUs per replica"):
+        sharded_weight_sync(sharded_config(gpus_per_replica=1), total_params=1_000_000)
+    with pytest.raises(ConfigError, match=r"plan\.gpus_per_replica \(-1\) must be >= 0"):
+        sharded_weight_sync(sharded_config(gpus_per_replica=-1), total_params=1_000_000)
+
+
+def test_ring_1t_sharded_sync_within_six_seconds():
+    # 256 learner GPUs, 16 replicas of 16 H200s (141 GB), 400 Gbit/s links: published systems sync
+    # a 1T version in about 6 s (1.3 s with RDMA point-to-point)
+    cfg = load_config(["model=ring_1t", "run.mode=plan", "learner.num=256", "generator.num=16",
+                       "plan.gpus_per_replica=16"])
+    total = sum(count_parameters(cfg).values())
+    sync = sharded_weight_sync(cfg, total)
+    assert sync["receive_bytes"] == total * 2 / 16 and sync["send_bytes"] == total * 2 / 256 * 16
+    assert sync["seconds"] == pytest.approx(total * 2 / 16 / (400e9 / 8 * cfg.plan.bucket_efficiency))
+    assert sync["seconds"] <= 6.0
+    assert 120e9 <= sync["receive_bytes"] <= 141e9 - 10e9  # the shard fits with room left for the KV cache
+    cfg.plan.gpus_per_replica = 14  # 2 TB over 14 GPUs: 142.8 GB each
+    with pytest.raises(ConfigError, match=r"plan\.gpus_per_replica \(14\).*at least 15 GPUs per replica"):
+        sharded_weight_sync(cfg, total)
+
+
+def test_plan_mode_refuses_a_replica_too_small_in_one_line():
+    result = subprocess.run([sys.executable, "run.py", "model=ring_1t", "run.mode=plan", "learner.num=256",
+                             "plan.gpus_per_replica=14"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: plan.gpus_per_replica (14): each replica GPU would hold 142.82 GB of the 1,999.41 GB of "
+        "weights, more than plan.gpu_memory_gb (141); the weights need at least 15 GPUs per replica"]
+
+
 def test_plan_mode_prints_totals_without_ray():
     result = subprocess.run([sys.executable, "run.py", "model=ring_1t", "run.mode=plan", "learner.num=256",
                              "generator.num=64"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
@@ -100,6 +158,13 @@ def test_plan_mode_prints_totals_without_ray():
     assert float(projected.group(2)) == efficiency
     assert float(projected.group(1)) == pytest.approx(float(replica_gb.replace(",", "")) / (400 / 8 * efficiency),
                                                       abs=0.05)
+    # the sharded path: 15 GPUs per replica by default (the fewest of 141 GB that hold 2 TB); 64 replicas
+    # x 15 GPUs outnumber the 256 learner ranks, so each rank's link carries its 7.81 GB shard 64 times
+    sharded = re.search(r"^  send link per rank +([\d,.]+) GB in ([\d.]+) s \(7\.81 GB shard x 64 replicas\)",
+                        result.stdout, re.MULTILINE)
+    assert float(sharded.group(2)) == pytest.approx(float(sharded.group(1).replace(",", "")) / (400 / 8 * efficiency),
+                                                    abs=0.01)
+    assert re.search(r"^  projected time +11\.36 s \(the send side binds", result.stdout, re.MULTILINE)
 
 
 def test_unknown_run_mode_is_rejected():
