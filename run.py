@@ -114,6 +114,33 @@ def warm_up(cfg: Config, system, recorder: Recorder, log) -> None:
              warmup["warmup_threads"])
 
 
+class RLClock:
+    """Seconds of RL since it started, evaluations not counted: an evaluation pauses every actor's
+    progress, so accuracy over this clock does not depend on how often a run is evaluated."""
+
+    def __init__(self, grid_s: float):
+        self.start, self.paused_s = time.monotonic(), 0.0
+        self.grid_s, self.next_grid_s = grid_s, grid_s
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start - self.paused_s
+
+    def grid_due(self) -> bool:
+        """Whether a point of the `run.eval_every_s` grid was passed since the last one."""
+        if not self.grid_s or self.seconds() < self.next_grid_s:
+            return False
+        self.next_grid_s = (self.seconds() // self.grid_s + 1) * self.grid_s
+        return True
+
+    @contextmanager
+    def paused(self):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.paused_s += time.monotonic() - start
+
+
 def admit(sup: Supervisor, task, progress: Progress) -> None:
     """Hand generators as many new prompts as the staleness bound allows."""
     groups = progress.admission.admissible_groups(progress.ledger.group_size)
@@ -184,12 +211,12 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         result = recorder.evaluation("after_warmup", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
         log.info("held-out greedy accuracy before RL: {:.1%}", result["accuracy"])
     recorder.start_rl(pool_totals(sup.call(async_stats(sup.system))))
-    rl_start = time.monotonic()
-    deadline = rl_start + (cfg.run.time_budget_s or math.inf)
+    clock = RLClock(cfg.run.eval_every_s)
+    budget_s = cfg.run.time_budget_s or math.inf
     bar = tqdm(range(progress.step, cfg.run.steps), desc="RL", initial=progress.step, total=cfg.run.steps,
                disable=not cfg.run.progress, file=sys.stdout)
     for step in bar:
-        if time.monotonic() > deadline:
+        if clock.seconds() > budget_s:
             break
         sup.step = step
         with recorder.timer("admit"):
@@ -210,8 +237,10 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         recorder.processes({name: c["pid"] for name, c in counters.items() if c})
         totals = pool_totals(counters)
         progress.step = step + 1
-        if due_for_evaluation(cfg, step, totals["trained_samples"], recorder):
-            with recorder.timer("eval"):
+        stats["rl_s"] = clock.seconds()
+        # `|`, not `or`: the grid moves on even when another reason made the evaluation due
+        if due_for_evaluation(cfg, step, totals["trained_samples"], recorder) | clock.grid_due():
+            with recorder.timer("eval"), clock.paused():
                 stats["eval_accuracy"] = accuracy(sup.call(async_evaluate(sup.system, eval_prompts)))["accuracy"]
         record = recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
                        "weight_sync_bytes": sync["learner-0"]["bytes"], "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
@@ -219,7 +248,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
             with recorder.timer("checkpoint"):
                 checkpoint(cfg, sup, progress, recorder.run_dir, log)
         bar.set_postfix(reward=f"{stats['reward']:.2f}", v=stats["version"], mfu=f"{record.get('mfu/run', 0):.2f}")
-    recorder.summary["rl_wall_s"] = time.monotonic() - rl_start
+    recorder.summary.update(rl_wall_s=clock.seconds(), rl_eval_s=clock.paused_s)
     result = recorder.evaluation("after_rl", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
     log.info("held-out greedy accuracy after RL: {:.1%}", result["accuracy"])
     checkpoint(cfg, sup, progress, recorder.run_dir, log)

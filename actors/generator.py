@@ -186,7 +186,7 @@ class Generator:
     def evaluate(self, prompts: list[dict]) -> dict:
         """Greedy accuracy on `prompts` under the current weights (decoding pauses meanwhile)."""
         tok = self.task.tokenizer
-        with self.step_lock:
+        with self.step_lock, self.clock.phase("evaluating"):
             engine = GenerationEngine(self.model, len(prompts), self.cfg.model.max_seq_len, tok.eos_id,
                                       tok.pad_id, self.cfg.generator.max_new_tokens, temperature=0.0)
             rollouts = generate(engine, [(p["uid"], p["tokens"]) for p in prompts])
@@ -244,8 +244,8 @@ class Generator:
                     with self.clock.phase("paused_for_round"):
                         time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
                     continue
-                with self.clock.phase("decoding"):
-                    self._fill_slots()
+                with self.step_lock, self.clock.phase("decoding"):
+                    self._fill_slots_locked()
                     self._set_idle(not self.engine.num_active)
                 if self.idle:
                     with self.clock.phase("idle"):
@@ -262,10 +262,10 @@ class Generator:
             sender.close()
 
     def _decode_step(self, sender: TrajectorySender) -> None:
-        start = time.perf_counter()
-        with self.clock.phase("decoding"), self.step_lock:
+        with self.step_lock, self.clock.phase("decoding"):  # an evaluation's wait is not decoding
+            start = time.perf_counter()
             finished = self.engine.step()
-        self.busy_s += time.perf_counter() - start
+            self.busy_s += time.perf_counter() - start
         emitted = self.engine.num_active + len(finished)
         self.counters["generated_tokens"] += emitted
         self.round_tokens += emitted
@@ -335,12 +335,8 @@ class Generator:
             self._open_round_if_allowed()
         self.applied.notify_all()
 
-    def _fill_slots(self) -> None:
-        """Resume paused rollouts first, then start whole groups of new prompts."""
-        with self.step_lock:
-            self._fill_slots_locked()
-
     def _fill_slots_locked(self) -> None:
+        """Resume paused rollouts first, then start whole groups of new prompts."""
         while self.paused and self.engine.free_slots:
             rollout = self.paused.pop(0)
             if _prompt_uid(rollout) not in self.purged:

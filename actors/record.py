@@ -63,15 +63,18 @@ class Recorder:
 
     def start_rl(self, totals: dict) -> None:
         """The pool's totals (pool_totals in run.py) as RL starts: the first step's rates count from here."""
-        self.rl_start = self.rates_since = {**totals, "wall": time.time()}
+        self.rl_start = self.rates_since = {**totals, "rl_s": 0.0}
 
     def step(self, record: dict) -> dict:
-        """Write one RL step's record, with the rates since the previous step (or RL's start); returns it."""
+        """Write one RL step's record, with the rates since the previous step (or RL's start); returns it.
+
+        Rates count seconds of RL (`rl_s`, the run's clock without evaluations), not wall time.
+        """
         record = {**record, **self.timings, "wall": time.time()}
         self.timings.clear()
         previous, self.rates_since = self.rates_since, record
         if previous is not None:
-            elapsed = record["wall"] - previous["wall"]
+            elapsed = record["rl_s"] - previous["rl_s"]
             new_tokens = record["generated_tokens"] - previous["generated_tokens"]
             record["generated_tokens_per_s"] = new_tokens / elapsed
             record["trained_tokens_per_s"] = record.get("trained_tokens", 0) / elapsed
@@ -145,7 +148,7 @@ class Recorder:
         self.summary.update(status=status, steps=len(self.steps), evaluations=self.evaluations, **extra)
         if self.rl_start is not None and self.rates_since is not self.rl_start:  # at least one step since
             last = self.rates_since
-            self.summary["mfu"] = mfu(self.rl_start, last, last["wall"] - self.rl_start["wall"])
+            self.summary["mfu"] = mfu(self.rl_start, last, last["rl_s"])
         before = self.evaluations.get("after_warmup", {}).get("accuracy")
         after = self.evaluations.get("after_rl", {}).get("accuracy")
         if before is not None and after is not None:

@@ -1,27 +1,35 @@
-"""Asynchronous (C3PO++ rounds, eta = 1) against synchronous RL on the long-tail task.
+"""Synchronous RL against plain streaming async and async with C3PO++ rounds, over several seeds.
 
-One invocation: a shared warm-up checkpoint, then a synchronous and an asynchronous
-run started from it with the same actors and the same wall-time budget. Prints
-completed samples per second, trained tokens per second, generator busy fraction,
-model FLOPs utilisation and held-out accuracy (at the end, and for async also at the
-number of samples the synchronous run trained), with the async/sync ratios; then the
-overlap bound measured from the synchronous run's own phase times and the efficiency
-(the async/sync ratio of completed samples over that bound).
+One invocation: a shared warm-up checkpoint, then per seed a synchronous run, a plain
+asynchronous run (eta = 1) and one with C3PO++ rounds (eta = 1), all from that checkpoint with
+the same actors and the same budget of RL seconds (evaluations pause the clock). Each run is
+evaluated on the held-out prompts on a fixed grid of RL seconds, and the asynchronous runs once
+more when they have trained as many samples as that seed's synchronous run.
 
-Usage: python bench/async_vs_sync.py [--budget-s 150] [--round-tokens 8000] [--out DIR] [extra overrides ...]
-(--round-tokens 0: plain streaming async, batches of prompts_per_step groups.)
+Prints per mode the mean over seeds (and the range) of: completed samples/s, trained tokens/s,
+the generator's busy share, MFU, accuracy at the end and at sync's trained samples, maximum lag,
+IcePop's masked fraction and mean |log k| by lag; the overlap bound measured from each sync
+run's own phase times and the efficiency (async/sync completed samples over that bound); the RL
+seconds each mode's mean accuracy curve takes to reach the target accuracy (default: the mean
+final accuracy of the sync runs), with async/sync ratios; and writes time_to_accuracy.png.
+
+Usage: python bench/async_vs_sync.py [--seeds 3] [--budget-s 60] [--eval-every-s 10]
+       [--round-tokens 8000] [--eval-prompts 1024] [--target ACC] [--out DIR] [overrides ...]
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from statistics import mean
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = ["task.name=carry_add_longtail", "generator.max_new_tokens=64", "model.max_seq_len=80",
         "ray.dashboard=false", "run.progress=false"]
+MODES = ("sync", "async", "c3po")
 
 
 def run_ringrl(out_dir: Path, name: str, *overrides: str) -> dict:
@@ -33,20 +41,42 @@ def run_ringrl(out_dir: Path, name: str, *overrides: str) -> dict:
     return summary
 
 
-def figures(summary: dict) -> dict:
+def mode_overrides(mode: str, round_tokens: int) -> list[str]:
+    if mode == "sync":
+        return ["algo.mode=sync"]
+    rounds = round_tokens if mode == "c3po" else 0
+    return ["algo.mode=async", "algo.max_staleness=1", f"algo.round_token_budget={rounds}",
+            "run.on_actor_failure=stop"]
+
+
+def figures(summary: dict, milestone: int) -> dict:
+    """One run's figures; `milestone`: the trained samples at which its accuracy is read (0: none)."""
     wall = summary["rl_wall_s"]
     generator = summary["actors"]["generator-0"]
-    learner = summary["actors"]["learner-0"]
-    milestone = [s["eval_accuracy"] for s in summary["steps_records"] if "eval_accuracy" in s]
+    steps = summary["steps_records"]
+    at_milestone = [s["eval_accuracy"] for s in steps if "eval_accuracy" in s and milestone
+                    and s["trained_samples"] >= milestone]
     return {"completed samples/s": (generator["generated_samples"] - generator.get("dropped_purged", 0)) / wall,
-            "trained tokens/s": learner.get("trained_tokens", 0) / wall,
+            "trained tokens/s": summary["actors"]["learner-0"].get("trained_tokens", 0) / wall,
             "generator busy fraction": generator["busy_s"] / wall,
-            "trained samples": learner.get("trained_samples", 0),
-            "accuracy after warm-up": summary["evaluations"]["after_warmup"]["accuracy"],
+            "trained samples": summary["actors"]["learner-0"].get("trained_samples", 0),
             "accuracy at the end": summary["evaluations"]["after_rl"]["accuracy"],
-            "accuracy at sync's trained samples": milestone[0] if milestone else None,
+            "accuracy at sync's trained samples": at_milestone[0] if at_milestone else None,
             **{f"MFU {key.removeprefix('mfu/')}": value for key, value in summary.get("mfu", {}).items()},
-            "RL wall s": wall}
+            **lag_figures(steps)}
+
+
+def lag_figures(steps: list[dict]) -> dict:
+    """Maximum policy lag trained on, and IcePop's masked fraction and mean |log k| per lag,
+    weighted by each step's tokens at that lag."""
+    lags = sorted({int(lag) for s in steps for lag in s.get("lag_histogram", {})})
+    out = {"max lag": max(lags) if lags else None}
+    for lag in lags:
+        weighted = [(s[f"lag/{lag}/tokens"], s) for s in steps if s.get(f"lag/{lag}/tokens")]
+        tokens = sum(w for w, _ in weighted)
+        for name, key in (("masked", "masked_frac"), ("mean |log k|", "mean_abs_log_k")):
+            out[f"lag {lag} {name}"] = sum(w * s[f"lag/{lag}/{key}"] for w, s in weighted) / tokens
+    return out
 
 
 def overlap_bound(steps: list[dict]) -> float:
@@ -60,37 +90,129 @@ def overlap_bound(steps: list[dict]) -> float:
     return (generation + training) / max(generation, training)
 
 
+def accuracy_curve(summary: dict, grid_s: np.ndarray) -> np.ndarray:
+    """Held-out accuracy at the grid's RL seconds, linear between the run's evaluations."""
+    points = [(0.0, summary["evaluations"]["after_warmup"]["accuracy"]),
+              *((s["rl_s"], s["eval_accuracy"]) for s in summary["steps_records"] if "eval_accuracy" in s),
+              (summary["rl_wall_s"], summary["evaluations"]["after_rl"]["accuracy"])]
+    seconds, accuracy = zip(*sorted(points))
+    return np.interp(grid_s, seconds, accuracy)
+
+
+def time_to(grid_s: np.ndarray, curve: np.ndarray, target: float) -> float | None:
+    """The first RL second at which `curve` reaches `target` (linear between grid points)."""
+    above = np.nonzero(curve >= target)[0]
+    if not len(above):
+        return None
+    i = above[0]
+    if i == 0:
+        return 0.0
+    fraction = (target - curve[i - 1]) / (curve[i] - curve[i - 1])
+    return float(grid_s[i - 1] + fraction * (grid_s[i] - grid_s[i - 1]))
+
+
+def plot(path: Path, grid_s: np.ndarray, curves: dict[str, list[np.ndarray]], target: float,
+         reached: dict[str, float | None]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, runs in curves.items():
+        stacked = np.stack(runs)
+        line, = ax.plot(grid_s, stacked.mean(0), label=f"{mode} (mean of {len(runs)})")
+        ax.fill_between(grid_s, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.15)
+        if reached[mode] is not None:
+            ax.axvline(reached[mode], color=line.get_color(), linestyle=":")
+    ax.axhline(target, color="grey", linestyle="--", label=f"target {target:.1%}")
+    ax.set(xlabel="RL seconds (evaluations not counted)", ylabel="held-out greedy accuracy",
+           title="time to accuracy (band: range over seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--budget-s", type=float, default=150.0)
-    parser.add_argument("--round-tokens", type=int, default=8000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=60.0)
+    parser.add_argument("--eval-every-s", type=float, default=10.0)
+    parser.add_argument("--round-tokens", type=int, default=8000, help="C3PO++ round budget (tokens)")
+    parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--warmup-steps", type=int, default=800)
-    parser.add_argument("--out", default="", help="keep the runs here; a warm-up already there is reused")
+    parser.add_argument("--target", type=float, default=None, help="default: mean final accuracy of sync")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default="runs/async_vs_sync", help="the runs and the plot; a warm-up there is reused")
     args, extra = parser.parse_known_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out or tmp)
-        if not (out / "warm" / "checkpoints").is_dir():
-            run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
-        common = [f"run.init_from={out / 'warm'}", f"run.time_budget_s={args.budget_s}",
-                  "run.steps=100000", *extra]
-        sync_summary = run_ringrl(out, "sync", "algo.mode=sync", *common)
-        sync = figures(sync_summary)
-        asyn = figures(run_ringrl(out, "async", "algo.mode=async", "algo.max_staleness=1",
-                                  f"algo.round_token_budget={args.round_tokens}", "run.on_actor_failure=stop",
-                                  f"run.eval_at_trained_samples={sync['trained samples']}", *common))
-    print(f"{'figure':36} {'sync':>10} {'async':>10} {'async/sync':>11}")
-    for key in sync:
-        s, a = sync[key], asyn.get(key)
-        ratio = f"{a / s:11.2f}" if s and a is not None else ""
-        print(f"{key:36} {_cell(s)} {_cell(a)} {ratio}")
-    bound = overlap_bound(sync_summary["steps_records"])
-    ratio = asyn["completed samples/s"] / sync["completed samples/s"]
-    print(f"overlap bound from sync's phases {bound:.2f}; async/sync completed samples {ratio:.2f}; "
-          f"efficiency {ratio / bound:.2f}")
+    out, modes = Path(args.out).absolute(), args.modes.split(",")
+    extra = [f"task.eval_prompts={args.eval_prompts}", *extra]
+    if not (out / "warm" / "checkpoints").is_dir():
+        run_ringrl(out, "warm", f"learner.warmup_steps={args.warmup_steps}", "run.steps=0", *extra)
+    common = [f"run.init_from={out / 'warm'}", f"run.time_budget_s={args.budget_s}",
+              f"run.eval_every_s={args.eval_every_s}", "run.steps=100000", *extra]
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for seed in range(args.seeds):
+        milestone = 0  # the first mode's trained samples, where the others' accuracy is read
+        for mode in modes:
+            shutil.rmtree(out / f"{mode}-{seed}", ignore_errors=True)  # a run directory is appended to
+            summary = run_ringrl(out, f"{mode}-{seed}", f"run.seed={seed}", *mode_overrides(mode, args.round_tokens),
+                                 f"run.eval_at_trained_samples={milestone}", *common)
+            runs[mode].append(summary)
+            milestone = milestone or summary["actors"]["learner-0"].get("trained_samples", 0)
+    report(runs, args, out)
 
 
-def _cell(value) -> str:
-    return f"{'-':>10}" if value is None else f"{value:10.4g}"
+def report(runs: dict[str, list[dict]], args, out: Path) -> None:
+    baseline = next(iter(runs))
+    milestones = [r["actors"]["learner-0"].get("trained_samples", 0) for r in runs[baseline]]
+    table = {mode: [figures(r, m if mode != baseline else 0) for r, m in zip(summaries, milestones)]
+             for mode, summaries in runs.items()}
+    keys = list(dict.fromkeys(k for rows in table.values() for row in rows for k in row))
+    print(f"{len(milestones)} seeds, {args.budget_s:g} s of RL each; mean (min..max) over seeds")
+    print(f"{'figure':36}" + "".join(f"{mode:>24}" for mode in table)
+          + "".join(f"{mode + '/' + baseline:>12}" for mode in table if mode != baseline))
+    for key in keys:
+        cells = {mode: [row.get(key) for row in rows] for mode, rows in table.items()}
+        line = f"{key:36}" + "".join(f"{_spread(values):>24}" for values in cells.values())
+        for mode in table:
+            if mode != baseline:
+                line += f"{_ratio(cells[mode], cells[baseline]):>12}"
+        print(line)
+    if baseline == "sync":
+        bounds = [overlap_bound(r["steps_records"]) for r in runs["sync"]]
+        for mode in (m for m in table if m != "sync"):
+            ratios = [a["completed samples/s"] / s["completed samples/s"] for a, s in zip(table[mode], table["sync"])]
+            efficiency = [ratio / bound for ratio, bound in zip(ratios, bounds)]
+            print(f"{mode}: overlap bound from sync's phases {_spread(bounds)}; {mode}/sync completed samples "
+                  f"{_spread(ratios)}; efficiency {_spread(efficiency)}")
+    grid_s = np.arange(0.0, args.budget_s + args.eval_every_s / 2, args.eval_every_s)
+    curves = {mode: [accuracy_curve(r, grid_s) for r in summaries] for mode, summaries in runs.items()}
+    target = args.target if args.target is not None else mean(row["accuracy at the end"] for row in table[baseline])
+    reached = {mode: time_to(grid_s, np.stack(c).mean(0), target) for mode, c in curves.items()}
+    print(f"RL seconds for the mean accuracy curve to reach {target:.1%}: "
+          + ", ".join(f"{mode} {_cell(t)}" for mode, t in reached.items())
+          + "".join(f"; {mode}/{baseline} {reached[mode] / reached[baseline]:.2f}" for mode in reached
+                    if mode != baseline and reached[mode] is not None and reached[baseline]))
+    plot(out / "time_to_accuracy.png", grid_s, curves, target, reached)
+    print(f"plot: {out / 'time_to_accuracy.png'}")
+
+
+def _spread(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{mean(values):.4g} ({min(values):.3g}..{max(values):.3g})" if len(values) > 1 else f"{values[0]:.4g}"
+
+
+def _ratio(values: list, baseline: list) -> str:
+    pairs = [(v, b) for v, b in zip(values, baseline) if v is not None and b]
+    return f"{mean(v / b for v, b in pairs):.2f}" if pairs else ""
+
+
+def _cell(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.1f}"
 
 
 if __name__ == "__main__":

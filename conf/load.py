@@ -126,6 +126,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
+    _require(cfg.run.eval_every_s >= 0 and cfg.run.time_budget_s >= 0,
+             f"run.eval_every_s ({cfg.run.eval_every_s}) and run.time_budget_s ({cfg.run.time_budget_s}) must be >= 0")
     _require(cfg.run.on_actor_failure in FAILURE_POLICIES,
              f"run.on_actor_failure ({cfg.run.on_actor_failure!r}) must be one of {FAILURE_POLICIES}")
     # a round's batch is counted in groups each generator sent since it started: a replacement

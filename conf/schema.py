@@ -182,7 +182,10 @@ class RunConfig:
     name: str = _f("", "run directory name ('' = timestamp)")
     eval_every: int = _f(0, "evaluate every n RL steps (0: only before and after)")
     eval_at_trained_samples: int = _f(0, "also evaluate once when this many samples have been trained (0: off)")
-    time_budget_s: float = _f(0.0, "stop RL after this many seconds of wall time (0: run.steps only)")
+    eval_every_s: float = _f(0.0, "also evaluate each time this many seconds of RL have passed (0: off); "
+                                  "evaluations pause the RL clock")
+    time_budget_s: float = _f(0.0, "stop RL after this many seconds of wall time, evaluations not counted "
+                                   "(0: run.steps only)")
     progress: bool = _f(True, "show a progress bar")
 
 
