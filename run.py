@@ -21,11 +21,12 @@ from tqdm import tqdm
 from actors.ledger import Ledger
 from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.supervisor import ABSORB_QUIET_S, Supervisor
-from actors.system import (ActorFailure, accuracy, async_evaluate, async_on_generators, async_on_learners,
-                           async_stats, call, start_generators, start_system, stop_system)
+from actors.system import (ActorFailure, accuracy, alive_node_ips, async_evaluate, async_on_generators,
+                           async_on_learners, async_stats, call, check_shared_storage, start_generators,
+                           start_system, stop_system)
 from actors.tasks import build_task
 from comm.logs import setup_logging
-from conf.load import ConfigError, load_config, resolve_gpus
+from conf.load import ConfigError, check_placeable, load_config, resolve_gpus, resolve_host
 from conf.schema import Config
 from learner.checkpoint import CheckpointError, latest_valid, publish, staging_dir, write_durably
 from learner.staleness import AdmissionController
@@ -78,6 +79,8 @@ def ray_session(cfg: Config, namespace: str, log):
     log.info("Ray dashboard: {}", f"http://{context.dashboard_url}" if context.dashboard_url else "off")
     try:
         resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))  # before any actor starts
+        resolve_host(cfg, alive_node_ips())
+        check_placeable(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
         log.info("GPUs per actor: learner {:g}, generator {:g}", cfg.learner.num_gpus, cfg.generator.num_gpus)
         yield
     finally:
@@ -107,6 +110,9 @@ def warm_up(cfg: Config, system, recorder: Recorder, log) -> None:
         checkpoint = latest_valid(Path(cfg.run.init_from), log.warning)
         version = call(async_on_learners(system, "load", str(checkpoint), True))["learner-0"]
         log.info("policy of {} (version {}) as the starting point", checkpoint, version)
+        return
+    if not cfg.learner.warmup_steps:
+        log.info("no warm-up (learner.warmup_steps=0): RL starts from the initial policy")
         return
     with recorder.timer("warmup"):
         warmup = call(async_on_learners(system, "warmup"))["learner-0"]
@@ -234,7 +240,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         sup.settle({uid: fate for fates in sup.call(async_on_generators(sup.system, "take_fates")).values()
                     if fates for uid, fate in fates.items()})
         counters = sup.call(async_stats(sup.system))
-        recorder.processes({name: c["pid"] for name, c in counters.items() if c})
+        recorder.processes({name: {"pid": c["pid"], "node": c["node"]} for name, c in counters.items() if c})
         totals = pool_totals(counters)
         progress.step = step + 1
         stats["rl_s"] = clock.seconds()
@@ -305,7 +311,13 @@ def run(cfg: Config, argv: list[str], log) -> int:
     log.info("run directory: {}", run_dir)
     status, final, sup = "failed", {}, None
     with ray_session(cfg, namespace=run_dir.name, log=log):
-        system = start_system(cfg)
+        try:
+            system = start_system(cfg)
+            check_shared_storage(system, run_dir)
+        except ActorFailure as err:  # no actor has work yet: Ray's shutdown takes them all
+            log.error("{}", err)
+            recorder.finish(status, {})
+            return 1
         try:
             progress = restore(cfg, system, recorder, log) if cfg.run.resume else Progress.start(cfg)
             sup = Supervisor(system, progress.ledger, progress.admission, log)

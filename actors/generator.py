@@ -23,6 +23,7 @@ import torch
 
 from actors.phases import PhaseClock
 from actors.tasks import build_task
+from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
 from comm.channel import TrajectorySender
 from comm.logs import setup_logging
@@ -45,6 +46,7 @@ class Generator:
         torch.set_num_threads(cfg.generator.torch_threads)
         torch.manual_seed(cfg.run.seed)
         self.task = build_task(cfg.task)
+        pin_gloo_interface(bind_address(cfg.comm.host, ray.util.get_node_ip_address())[1])  # the weight group
         self.placement = place_here(f"generator-{rank}", cfg.generator.device,
                                     ray.get_runtime_context().get_node_id(), ray.get_gpu_ids())
         model = cast_parameters(MoECausalLM(cfg.model), compute_dtype(self.placement))
@@ -79,6 +81,7 @@ class Generator:
         self.new_fates: dict[str, str] = {}  # prompt uid -> fate, until the driver takes them
         self.hold_requested, self.held = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
+        self.judge_endpoints: list[str] = []  # where the decode thread sends groups
         self.clock = PhaseClock()
         self.failure: BaseException | None = None
 
@@ -97,9 +100,14 @@ class Generator:
         self.stopping.wait()
         self._raise_if_failed()
 
+    def connect_judges(self, endpoints: list[str]) -> None:
+        """A judge was replaced on another node: the decode thread sends to `endpoints` from its next step."""
+        self.judge_endpoints = list(endpoints)
+
     def start(self, judge_endpoints: list[str]) -> None:
         self.clock = PhaseClock()  # the decode thread's time, phase by phase, from now on
-        self.thread = threading.Thread(target=self._run, args=(judge_endpoints,), daemon=True,
+        self.judge_endpoints = list(judge_endpoints)
+        self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"generator-{self.rank}-decode")
         self.thread.start()
 
@@ -211,7 +219,7 @@ class Generator:
 
     def stats(self) -> dict:
         self._raise_if_failed()
-        return {**self.counters, "pid": os.getpid(), "device": self.placement.describe(), "busy_s": self.busy_s,
+        return {**self.counters, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(), "busy_s": self.busy_s,
                 "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
                 "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
@@ -229,10 +237,12 @@ class Generator:
     # -- decode thread -------------------------------------------------------------
     # Rounds (C3PO++, algo.round_token_budget > 0): a round closes once this generator made its
     # share of the budget; every unfinished rollout is then paused and resumes in a later round.
-    def _run(self, judge_endpoints: list[str]) -> None:
-        sender = TrajectorySender(judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
+    def _run(self) -> None:
+        sender = TrajectorySender(self.judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
         try:
             while not self.stopping.is_set():
+                if sender.endpoints != self.judge_endpoints:
+                    sender.retarget(self.judge_endpoints)
                 with self.clock.phase("loading_weights"), self.applied:
                     self._apply_staged()
                 if self.hold_requested.is_set():

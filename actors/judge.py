@@ -13,8 +13,10 @@ second of scoring time, the capacity that `judge.num` scales.
 
 At stop, the group being scored is abandoned (after its current sample) and the groups still
 queued are drained; both are counted as `dropped_run_end` and reported by prompt uid, so every
-sample is accounted for. A judge that replaces a dead one binds the same port, so the
-generators' sockets reconnect to it by themselves.
+sample is accounted for. The judge binds on its node's address (comm.addresses). A judge that
+replaces a dead one on the same node binds the same endpoint, so the generators' sockets
+reconnect to it by themselves; one placed on another node binds anew, and the driver points the
+generators at it.
 """
 import os
 import threading
@@ -24,7 +26,8 @@ from collections import Counter
 import ray
 
 from actors.tasks import build_task, judge_completion
-from comm.auth import ChannelKeys
+from comm.addresses import bind_address
+from comm.auth import ChannelKeys, endpoint_host
 from comm.channel import TrajectoryReceiver, TrajectorySender
 from comm.logs import setup_logging
 from comm.wire import Trajectory
@@ -39,6 +42,7 @@ class Judge:
     def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
         self.cfg, self.rank, self.keys = cfg, rank, keys
         self.name = f"judge-{rank}"
+        self.bind_host, self.advertised_host = bind_address(cfg.comm.host, ray.util.get_node_ip_address())
         self.log = setup_logging("judge", rank)
         self.task = build_task(cfg.task)
         self.counters: Counter = Counter()
@@ -51,8 +55,13 @@ class Judge:
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
 
-    def start(self, learner_endpoints: list[str], port: int = 0) -> str:
-        """Bind the inbound channel (on `port`, 0: any) in the scoring thread; returns its endpoint."""
+    def start(self, learner_endpoints: list[str], reuse: str = "") -> str:
+        """Bind the inbound channel in the scoring thread; returns its endpoint.
+
+        A judge replacing a dead one binds the dead one's endpoint (`reuse`) when it is on this
+        node, so the generators' connections to it come back by themselves; elsewhere any port.
+        """
+        port = int(reuse.rsplit(":", 1)[1]) if reuse and endpoint_host(reuse) == self.advertised_host else 0
         self.thread = threading.Thread(target=self._run, args=(learner_endpoints, port), daemon=True,
                                        name=self.name)
         self.thread.start()
@@ -64,7 +73,7 @@ class Judge:
         """Counters by reason, drops, and the judging rate (samples per second of scoring)."""
         self._raise_if_failed()
         judged = self.counters["judged_samples"]
-        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(),
+        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "judged_samples": judged, "scoring_s": self.scoring_s,
                 "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
 
@@ -82,7 +91,8 @@ class Judge:
 
     # -- scoring thread ------------------------------------------------------------
     def _run(self, learner_endpoints: list[str], port: int) -> None:
-        receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm, keys=self.keys, port=port)
+        receiver = TrajectoryReceiver(self.bind_host, self.cfg.comm.hwm, keys=self.keys, port=port,
+                                      advertised_host=self.advertised_host)
         sender = TrajectorySender(learner_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
         self.endpoint = receiver.endpoint
         self.endpoint_ready.set()

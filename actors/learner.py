@@ -16,6 +16,7 @@ twice. The buffer and the consumed prompts are part of the checkpoint.
 """
 import os
 import random
+import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 
 from actors.phases import PhaseClock, timed
 from actors.tasks import build_task
+from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
@@ -55,6 +57,8 @@ class Learner:
         torch.set_num_threads(cfg.learner.torch_threads)
         torch.manual_seed(cfg.run.seed)
         self.task = build_task(cfg.task)
+        self.bind_host, self.advertised_host = bind_address(cfg.comm.host, ray.util.get_node_ip_address())
+        pin_gloo_interface(self.advertised_host)
         self.placement = place_here(f"learner-{rank}", cfg.learner.device,
                                     ray.get_runtime_context().get_node_id(), ray.get_gpu_ids())
         self.device = self.placement.torch_device()
@@ -73,9 +77,20 @@ class Learner:
         self.clock = PhaseClock(rest="between_calls")  # waiting for a batch, training, publishing
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
+    def probe_storage(self, probes: str) -> tuple[str, str, str]:
+        """Write a fresh token into `probes`/<name> and read the driver's: (this node, the token
+        written, the driver's as read here, '' if missing) for the driver's shared-storage check."""
+        folder, token = Path(probes), secrets.token_hex(8)
+        try:
+            write_durably(folder / f"learner-{self.rank}", token.encode())
+            driver_token = (folder / "driver").read_text()
+        except OSError:  # the folder is not there on this node
+            driver_token = ""
+        return ray.util.get_node_ip_address(), token, driver_token
+
     def address(self) -> tuple[str, int]:
-        """A free rendezvous port on this node (for the learner group or the weight group)."""
-        return self.cfg.comm.host, free_port(self.cfg.comm.host)
+        """This node's address and a free port on it: a rendezvous (learner group, weight group)."""
+        return self.advertised_host, free_port(self.bind_host)
 
     def setup(self, addr: str, port: int) -> str:
         """Join the learner group, shard the model, bind the inbound channel; returns its endpoint."""
@@ -84,7 +99,8 @@ class Learner:
                                self.device)
         self.model = shard_model(self.model)
         self.trainer = Trainer(self.model, self.cfg.learner, self.cfg.algo, self.cfg.generator.temperature)
-        self.receiver = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm, keys=self.keys)
+        self.receiver = TrajectoryReceiver(self.bind_host, self.cfg.comm.hwm, keys=self.keys,
+                                           advertised_host=self.advertised_host)
         return self.receiver.endpoint
 
     def placement_info(self) -> Placement:
@@ -269,7 +285,7 @@ class Learner:
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
-        return {**self.counters, **drops, "pid": os.getpid(), "device": self.placement.describe(),
+        return {**self.counters, **drops, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(),
                 "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
                 "version": self.trainer.version if self.trainer else 0}
 

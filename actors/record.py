@@ -45,9 +45,10 @@ class Recorder:
         finally:
             self.timings[f"time/{phase}_s"] += time.perf_counter() - start
 
-    def processes(self, pids: dict[str, int]) -> None:
-        """actors.json: the process id of every live actor by name (to find one, or kill one in a fault drill)."""
-        (self.run_dir / "actors.json").write_text(json.dumps(pids, indent=1))
+    def processes(self, where: dict[str, dict]) -> None:
+        """actors.json: the process id and node address of every live actor by name (to find one, or
+        kill one in a fault drill)."""
+        (self.run_dir / "actors.json").write_text(json.dumps(where, indent=1))
 
     def resume(self, step: int) -> None:
         """Continue a run from its checkpoint after `step` steps: metrics of later steps (from the

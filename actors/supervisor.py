@@ -25,8 +25,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.ledger import Ledger
-from actors.system import (ActorFailure, System, async_on_learners, async_sync_weights, call, form_weight_group,
-                           new_generator, new_judge, start_generators, start_judge, summary)
+from actors.system import (ActorFailure, System, async_on_generators, async_on_learners, async_sync_weights, call,
+                           form_weight_group, new_generator, new_judge, start_generators, start_judge, summary)
 from comm.weights import abort_weight_group
 from learner.staleness import AdmissionController
 
@@ -165,7 +165,10 @@ class Supervisor:
         actor = self._new_actor(name)
         pool[name] = actor
         if name.startswith("judge"):
-            start_judge(self.system, name, actor, port=self.system.judge_ports[name])
+            dead_endpoint = self.system.judge_endpoints[name]
+            start_judge(self.system, name, actor, reuse=dead_endpoint)
+            if self.system.judge_endpoints[name] != dead_endpoint:  # placed on another node
+                self.call(async_on_generators(self.system, "connect_judges", list(self.system.judge_endpoints.values())))
         else:
             self._refresh_weight_group()
             start_generators(self.system, [name])

@@ -9,7 +9,10 @@ Generators and judges are kept by name ("generator-0", ...): a replacement takes
 name of the actor it replaces, and with `run.on_actor_failure=continue` a dead one
 just leaves the pool. The order of `system.generators` gives their weight-group ranks.
 """
+import secrets
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 from loguru import logger
@@ -18,12 +21,15 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.generator import Generator
 from actors.judge import Judge
 from actors.learner import Learner
+from comm.addresses import channel_hosts
 from comm.auth import ChannelKeys, run_keys
 from comm.placement import weight_path, wire_dtype
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
 STOP_ORDER = ("generator", "judge", "learner")
+STORAGE_PROBES = ".storage-probes"
+PLACEMENT_STRATEGIES = {"pack": "DEFAULT", "spread": "SPREAD"}  # ray.placement -> Ray's scheduling strategy
 
 
 class ActorFailure(RuntimeError):
@@ -40,7 +46,7 @@ class System:
     judges: dict = field(default_factory=dict)       # name -> actor
     generators: dict = field(default_factory=dict)   # name -> actor
     learner_endpoints: list[str] = field(default_factory=list)
-    judge_ports: dict = field(default_factory=dict)  # judge name -> the port it binds
+    judge_endpoints: dict = field(default_factory=dict)  # judge name -> the endpoint it bound and reported
     weight_store: tuple[str, int] = ("", 0)          # rendezvous store of the current weight group
     weight_path: str = ""                            # how weights travel: gloo | nccl | cupy-nccl | cuda-ipc
 
@@ -48,10 +54,6 @@ class System:
     def learner(self):
         """Rank 0: publishes weights and reports each step's merged figures."""
         return self.learners[0]
-
-    @property
-    def judge_endpoints(self) -> list[str]:
-        return [f"tcp://{self.cfg.comm.host}:{port}" for port in self.judge_ports.values()]
 
     def named(self) -> dict:
         return {**{f"learner-{i}": a for i, a in enumerate(self.learners)}, **self.judges, **self.generators}
@@ -76,15 +78,21 @@ def summary(err: Exception) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def placement_options(cfg: Config, name: str) -> dict:
+    """Ray options placing actor `name`: its role's CPUs, GPUs and custom resources, spread or packed."""
+    section = getattr(cfg, name.rsplit("-", 1)[0])
+    return {"name": name, "num_cpus": section.num_cpus, "num_gpus": getattr(section, "num_gpus", 0.0),
+            "resources": dict(section.resources), "scheduling_strategy": PLACEMENT_STRATEGIES[cfg.ray.placement]}
+
+
 def new_generator(system: System, name: str):
     # threads: the watch call, a weight receive, and short calls (submit, stats, ...) beside them
-    return Generator.options(name=name, num_cpus=system.cfg.generator.num_cpus, num_gpus=system.cfg.generator.num_gpus,
-                             max_concurrency=5).remote(
+    return Generator.options(**placement_options(system.cfg, name), max_concurrency=5).remote(
         system.cfg, int(name.rsplit("-", 1)[1]), system.keys)
 
 
 def new_judge(system: System, name: str):
-    return Judge.options(name=name, num_cpus=system.cfg.judge.num_cpus, max_concurrency=2).remote(
+    return Judge.options(**placement_options(system.cfg, name), max_concurrency=2).remote(
         system.cfg, int(name.rsplit("-", 1)[1]), system.keys)
 
 
@@ -93,27 +101,67 @@ def start_system(cfg: Config) -> System:
 
     The generators are left to `start_generators` (a resumed run restores them first).
     """
-    system = System(cfg, keys=run_keys(cfg.comm.host))
+    system = System(cfg, keys=run_keys(*channel_hosts(cfg.comm.host, alive_node_ips())))
     logger.info("trajectory channels on {}: {}", cfg.comm.host,
                 "plain TCP (loopback)" if system.keys is None else "CURVE, keys made for this run")
-    system.learners = [Learner.options(name=f"learner-{i}", num_cpus=cfg.learner.num_cpus,
-                                       num_gpus=cfg.learner.num_gpus).remote(cfg, i, system.keys)
+    system.learners = [Learner.options(**placement_options(cfg, f"learner-{i}")).remote(cfg, i, system.keys)
                        for i in range(cfg.learner.num)]
     system.judges = {f"judge-{i}": new_judge(system, f"judge-{i}") for i in range(cfg.judge.num)}
     system.generators = {f"generator-{i}": new_generator(system, f"generator-{i}") for i in range(cfg.generator.num)}
+    wait_placed(system)
     addr, port = call({"learner-0": system.learner.address.remote()})["learner-0"]
     # every learner rank must enter the group's rendezvous together
     system.learner_endpoints = list(call({f"learner-{i}": a.setup.remote(addr, port)
                                           for i, a in enumerate(system.learners)}).values())
+    logger.info("learners receive at {}", ", ".join(system.learner_endpoints))
     for name, judge in system.judges.items():
         start_judge(system, name, judge)
     form_weight_group(system)
+    nodes = {name: stats["node"] for name, stats in call(async_stats(system)).items()}
+    logger.info("actors by node: {}", "; ".join(f"{node}: {', '.join(n for n in nodes if nodes[n] == node)}"
+                                                 for node in sorted(set(nodes.values()))))
     return system
 
 
-def start_judge(system: System, name: str, judge, port: int = 0) -> None:
-    endpoint = call({name: judge.start.remote(system.learner_endpoints, port)})[name]
-    system.judge_ports[name] = int(endpoint.rsplit(":", 1)[1])
+def check_shared_storage(system: System, run_dir: Path) -> None:
+    """The driver and every learner see the same run directory (checkpoints are written there by
+    each learner shard): each writes a probe file with a fresh token and reads the others' back."""
+    probes = run_dir / STORAGE_PROBES
+    probes.mkdir(exist_ok=True)
+    token = secrets.token_hex(8)
+    (probes / "driver").write_text(token)
+    seen = call(async_on_learners(system, "probe_storage", str(probes)))
+    for name, (node, learner_token, driver_token) in seen.items():
+        written = probes / name
+        if driver_token != token or not written.is_file() or written.read_text() != learner_token:
+            raise ActorFailure(name, f"on node {node} does not share the run directory {run_dir} with the driver: "
+                                     "run.out_dir must be one filesystem seen by the driver and every learner node")
+    shutil.rmtree(probes)
+
+
+def wait_placed(system: System) -> None:
+    """Every actor has a process, or ActorFailure naming those Ray could not place in `ray.start_timeout_s`
+    (check_placeable ruled out a cluster too small; resources held by others can still be missing)."""
+    actors = system.named()
+    ready = {actor.__ray_ready__.remote(): name for name, actor in actors.items()}
+    done, pending = ray.wait(list(ready), num_returns=len(ready), timeout=system.cfg.ray.start_timeout_s)
+    call({ready[ref]: ref for ref in done})  # an actor that failed in its constructor is named here
+    if pending:
+        waiting = sorted(ready[ref] for ref in pending)
+        raise ActorFailure(waiting[0], f"not placed in {system.cfg.ray.start_timeout_s:g}s ({len(waiting)} actors "
+                                       f"waiting for resources: {', '.join(waiting)}; ray status shows the cluster)")
+
+
+def start_judge(system: System, name: str, judge, reuse: str = "") -> None:
+    """Start `judge`; a replacement binds the endpoint of the judge it replaces (`reuse`) if on its node."""
+    endpoint = call({name: judge.start.remote(system.learner_endpoints, reuse)})[name]
+    system.judge_endpoints[name] = endpoint
+    logger.info("{} receives at {}", name, endpoint)
+
+
+def alive_node_ips() -> list[str]:
+    """The address of every live node of the Ray cluster."""
+    return [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
 
 
 def form_weight_group(system: System) -> None:
@@ -139,7 +187,7 @@ def form_weight_group(system: System) -> None:
 def start_generators(system: System, names: list[str] | None = None) -> None:
     """Start decoding on the generators `names` (default all) towards the judges."""
     names = names or list(system.generators)
-    call({name: system.generators[name].start.remote(system.judge_endpoints) for name in names})
+    call({name: system.generators[name].start.remote(list(system.judge_endpoints.values())) for name in names})
 
 
 def async_sync_weights(system: System, resend: bool = False) -> dict:

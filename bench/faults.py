@@ -56,7 +56,7 @@ def wait_for_step(run_dir: Path, steps: int, proc: subprocess.Popen) -> None:
 
 
 def pid_of(run_dir: Path, actor: str) -> int:
-    return json.loads((run_dir / "actors.json").read_text())[actor]
+    return json.loads((run_dir / "actors.json").read_text())[actor]["pid"]
 
 
 def summary_of(run_dir: Path) -> dict:

@@ -1,7 +1,7 @@
 """ZeroMQ CURVE keys and client authentication for the trajectory channel.
 
 Loopback endpoints speak plain TCP. Any other interface needs CURVE: the driver calls
-`run_keys(cfg.comm.host)` once per run and hands the resulting `ChannelKeys` (or None) to every
+`run_keys` once per run with every address an endpoint may bind and hands the resulting `ChannelKeys` (or None) to every
 actor as an argument, so the keys live only in memory and travel through Ray.
 
 One `ChannelKeys` serves the whole run: a server key pair shared by every receiver and a
@@ -55,15 +55,15 @@ def endpoint_host(endpoint: str) -> str:
     return endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
 
 
-def run_keys(host: str) -> ChannelKeys | None:
-    """Fresh keys for a run whose endpoints bind to `host`; None when it is loopback (plain TCP)."""
-    return None if is_loopback(host) else ChannelKeys.generate()
+def run_keys(*hosts: str) -> ChannelKeys | None:
+    """Fresh keys for a run whose endpoints bind to `hosts`; None when all are loopback (plain TCP)."""
+    return None if all(is_loopback(host) for host in hosts) else ChannelKeys.generate()
 
 
 def require_keys(host: str, keys: ChannelKeys | None, what: str) -> None:
     if keys is None and not is_loopback(host):
         raise ValueError(f"{what} on {host!r} is off loopback and needs ChannelKeys (CURVE); "
-                         "make them with comm.auth.run_keys(cfg.comm.host) in the driver")
+                         "make them with comm.auth.run_keys in the driver")
 
 
 def secure_server(socket: zmq.Socket, keys: ChannelKeys) -> None:

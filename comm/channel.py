@@ -27,7 +27,8 @@ class ChannelTimeout(TimeoutError):
 
 
 class TrajectoryReceiver:
-    """PULL end of the channel; binds `port` on `host` (0: a random free port).
+    """PULL end of the channel; binds `port` on `host` (0: a random free port). `endpoint` is what
+    senders connect to: on `advertised_host` when given (a wildcard `host` cannot be connected to).
 
     A receiver replacing a dead one binds the dead one's port, so its senders reconnect to it.
 
@@ -49,7 +50,8 @@ class TrajectoryReceiver:
     Not thread-safe: create, use and close it from one thread.
     """
 
-    def __init__(self, host: str = "127.0.0.1", hwm: int = 64, keys: ChannelKeys | None = None, port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", hwm: int = 64, keys: ChannelKeys | None = None, port: int = 0,
+                 advertised_host: str = ""):
         require_keys(host, keys, "a TrajectoryReceiver")
         self._context = zmq.Context.instance() if keys is None else zmq.Context()
         self._gate = None if keys is None else ClientGate(self._context, keys)
@@ -66,7 +68,7 @@ class TrajectoryReceiver:
         except zmq.ZMQError:
             self.close()  # a CURVE receiver's ZAP thread must not outlive a failed bind
             raise
-        self.endpoint = f"tcp://{host}:{port}"
+        self.endpoint = f"tcp://{advertised_host or host}:{port}"
         if self._gate is not None:
             self._gate.name = self.endpoint
         self.dropped: Counter[str] = Counter()
@@ -133,6 +135,7 @@ class TrajectorySender:
         for endpoint in endpoints:
             require_keys(endpoint_host(endpoint), keys, f"a TrajectorySender connecting to {endpoint}")
         self.endpoints = list(endpoints)
+        self._keys = keys
         self._send_timeout_s = send_timeout_s
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, hwm)
@@ -143,6 +146,18 @@ class TrajectorySender:
         for endpoint in self.endpoints:
             self._socket.connect(endpoint)
         logger.debug("trajectory sender connected to {} (hwm={})", self.endpoints, hwm)
+
+    def retarget(self, endpoints: list[str]) -> None:
+        """Send to `endpoints` from now on: new ones are connected, those no longer listed are
+        disconnected (groups still queued for them are dropped: their receiver is gone)."""
+        for endpoint in endpoints:
+            require_keys(endpoint_host(endpoint), self._keys, f"a TrajectorySender connecting to {endpoint}")
+        for endpoint in set(self.endpoints) - set(endpoints):
+            self._socket.disconnect(endpoint)
+        for endpoint in [e for e in endpoints if e not in self.endpoints]:
+            self._socket.connect(endpoint)
+        self.endpoints = list(endpoints)
+        logger.info("trajectory sender now connected to {}", self.endpoints)
 
     def send_group(self, trajectories: list[Trajectory]) -> None:
         """Queue one group; blocks while all receivers are full, ChannelTimeout after the timeout."""

@@ -11,12 +11,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from comm.addresses import HOST_POLICIES, resolve_policy, valid_host
 from comm.placement import DEVICE_SETTINGS
 from conf.schema import Config
 
 CONF_DIR = os.path.dirname(os.path.abspath(__file__))
 AGGREGATIONS = ("seq_mean", "token_mean", "token_budget")
 AUTO_GPUS = -1.0
+PLACEMENTS = ("pack", "spread")
 GPU_ROLES = ("learner", "generator")
 FAILURE_POLICIES = ("restart", "continue", "stop")
 
@@ -125,6 +127,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.learner.warmup_threads >= 0, f"learner.warmup_threads ({cfg.learner.warmup_threads}) must be >= 0")
     _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
+    _require(cfg.ray.placement in PLACEMENTS, f"ray.placement ({cfg.ray.placement!r}) must be one of {PLACEMENTS}")
+    _require(cfg.ray.start_timeout_s > 0, f"ray.start_timeout_s ({cfg.ray.start_timeout_s}) must be > 0")
+    _require(valid_host(cfg.comm.host), f"comm.host ({cfg.comm.host!r}) must be one of {HOST_POLICIES} or an IP address")
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
     _require(cfg.run.eval_every_s >= 0 and cfg.run.time_budget_s >= 0,
              f"run.eval_every_s ({cfg.run.eval_every_s}) and run.time_budget_s ({cfg.run.time_budget_s}) must be >= 0")
@@ -152,6 +157,39 @@ def _validate_task(cfg: Config) -> None:
     _require(box.max_procs >= 1, f"task.sandbox.max_procs ({box.max_procs}) must be at least 1")
     _require(box.output_kb >= 1 and box.disk_mb >= 1,
              f"task.sandbox.output_kb ({box.output_kb}) and disk_mb ({box.disk_mb}) must be at least 1")
+
+
+def actor_demands(cfg: Config) -> dict[str, dict[str, float]]:
+    """The Ray resources each actor of the run asks for, by actor name."""
+    demands = {}
+    for role in ("learner", "judge", "generator"):
+        section = getattr(cfg, role)
+        demand = {"CPU": section.num_cpus, "GPU": getattr(section, "num_gpus", 0.0), **section.resources}
+        demands.update({f"{role}-{i}": {k: v for k, v in demand.items() if v} for i in range(section.num)})
+    return demands
+
+
+def check_placeable(cfg: Config, nodes: list[dict[str, float]]) -> None:
+    """Raise ConfigError, naming the resource, unless every actor fits on the nodes' resources
+    (first fit, largest demands first); Ray itself would wait for them forever."""
+    free = [dict(node) for node in nodes]
+    demands = sorted(actor_demands(cfg).items(), key=lambda item: (-item[1].get("GPU", 0), -sum(item[1].values())))
+    for name, demand in demands:
+        node = next((n for n in free if all(n.get(k, 0.0) >= v - 1e-9 for k, v in demand.items())), None)
+        if node is None:
+            short = next(k for k, v in demand.items() if not any(n.get(k, 0.0) >= v - 1e-9 for n in free))
+            wanted = sum(d.get(short, 0.0) for d in actor_demands(cfg).values())
+            total = sum(n.get(short, 0.0) for n in nodes)
+            raise ConfigError(f"the Ray cluster cannot place {name}: it needs {short} {demand[short]:g} and no node "
+                              f"has that left (the actors ask for {wanted:g} {short}, the cluster's {len(nodes)} "
+                              f"nodes have {total:g})")
+        for k, v in demand.items():
+            node[k] -= v
+
+
+def resolve_host(cfg: Config, node_ips: list[str]) -> None:
+    """Settle `comm.host = auto` from the Ray cluster's nodes (loopback on one, node on more)."""
+    cfg.comm.host = resolve_policy(cfg.comm.host, node_ips)
 
 
 def _validate_devices(cfg: Config) -> None:

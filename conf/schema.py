@@ -77,6 +77,7 @@ class TaskConfig:
 class GeneratorConfig:
     num: int = _f(1, "generator actors")
     num_cpus: float = _f(1.0, "CPUs reserved per generator actor")
+    resources: dict[str, float] = _f({}, "custom Ray resources each generator needs (pins the role to nodes started with them: ray start --resources)")
     device: str = _f("auto", "auto | cpu | cuda: where the engine's model, KV cache and sampling live "
                              "(auto: cuda when Ray grants the actor a GPU); bf16 on CUDA, float32 on CPU")
     num_gpus: float = _f(-1.0, _gpus_help("generator"))
@@ -93,6 +94,7 @@ class GeneratorConfig:
 class JudgeConfig:
     num: int = _f(1, "judge actors")
     num_cpus: float = _f(0.25, "CPUs reserved per judge actor")
+    resources: dict[str, float] = _f({}, "custom Ray resources each judge needs (pins the role to nodes started with them: ray start --resources)")
     timeout_s: float = _f(5.0, "per-sample scoring timeout: the scorer is killed, the sample scores 0 "
                                "and judge_timeout is counted")
 
@@ -101,6 +103,7 @@ class JudgeConfig:
 class LearnerConfig:
     num: int = _f(1, "learner actors (shards)")
     num_cpus: float = _f(1.0, "CPUs reserved per learner actor")
+    resources: dict[str, float] = _f({}, "custom Ray resources each learner needs (pins the role to nodes started with them: ray start --resources)")
     device: str = _f("auto", "auto | cpu | cuda: where the learner's model and optimizer live (auto: cuda "
                              "when Ray grants the actor a GPU); on CUDA bf16 autocast over float32 master weights")
     num_gpus: float = _f(-1.0, _gpus_help("learner"))
@@ -149,7 +152,9 @@ class AlgoConfig:
 
 @dataclass
 class CommConfig:
-    host: str = _f("127.0.0.1", "interface the ZeroMQ endpoints and the weight group bind to")
+    host: str = _f("auto", "where endpoints bind: loopback (127.0.0.1), node (each actor's Ray node address), "
+                           "auto (loopback on one node, node on more) or an interface address (0.0.0.0: all, "
+                           "peers are told the node address); CURVE off loopback")
     hwm: int = _f(64, "ZeroMQ high-water mark in groups (backpressure)")
     send_timeout_s: float = _f(120.0, "longest a send may block at the high-water mark")
     bucket_mb: float = _f(16.0, "weight broadcast bucket size in MiB (16 beat 32 and 64 on CPU/gloo: "
@@ -163,6 +168,9 @@ class RayConfig:
     address: str = _f("", "'' starts a local Ray instance; 'auto' or ray://host:port attaches")
     num_cpus: int = _f(0, "CPUs of the local instance (0: Ray decides)")
     dashboard: bool = _f(True, "start the Ray dashboard with a local instance")
+    placement: str = _f("pack", "pack: Ray fills a node before the next; spread: each role's actors over as many "
+                                "nodes as it can")
+    start_timeout_s: float = _f(30.0, "longest the actors may wait to be placed before the run stops, naming them")
 
 
 @dataclass

@@ -69,9 +69,10 @@ def assert_every_sample_accounted_for(summary: dict) -> None:
     assert samples["generated"] == samples["trained"] + sum(samples["dropped"].values()), samples
 
 
-@pytest.mark.parametrize("mode", ["algo.max_staleness=0", "algo.mode=sync"])
-def test_synchronous_mode_has_zero_lag(tmp_path, mode):
-    proc = run_ringrl(tmp_path, mode, "learner.warmup_steps=100", "run.steps=8")
+@pytest.mark.parametrize("mode, warmup", [("algo.max_staleness=0", 100), ("algo.mode=sync", 0)])
+def test_synchronous_mode_has_zero_lag(tmp_path, mode, warmup):
+    """Also: RL straight from the initial policy (no warm-up) runs."""
+    proc = run_ringrl(tmp_path, mode, f"learner.warmup_steps={warmup}", "run.steps=8")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     summary, steps = read_run(tmp_path)
