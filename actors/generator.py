@@ -121,6 +121,8 @@ class Generator:
         with self.step_lock:
             for prompt in prompts:
                 self.prompts.put(prompt)
+        if prompts:  # not idle from now: a round wait must not return before the decode thread saw them
+            self._set_idle(False)
 
     def take_fates(self) -> dict[str, str]:
         """Fates decided here since the last call (purged prompts), for the driver's ledger."""
@@ -201,8 +203,28 @@ class Generator:
         rewards = [self.task.score(r.completion_tokens, p["meta"]) for r, p in zip(rollouts, prompts)]
         examples = [f"{tok.decode(p['tokens'])}{tok.decode(r.completion_tokens)}"
                     for r, p in zip(rollouts[:4], prompts)]
+        per_prompt = [{"uid": p["uid"], "completion": tok.decode(r.completion_tokens), "reward": reward}
+                      for r, p, reward in zip(rollouts, prompts, rewards)]
         return {"correct": sum(rewards), "total": len(prompts), "version": self.engine.version,
-                "examples": examples}
+                "examples": examples, "per_prompt": per_prompt}
+
+    def sample(self, prompts: list[dict], k: int, temperature: float) -> list[dict]:
+        """`k` completions of each prompt at `temperature` under the current weights, scored (pass@k).
+
+        Sampled with continuous batching over `generator.max_slots`, from an RNG seeded with run.seed and
+        this generator's rank: the same prompts give the same samples on every call and every run.
+        """
+        tok = self.task.tokenizer
+        with self.step_lock, self.clock.phase("evaluating"):
+            engine = GenerationEngine(self.model, min(self.cfg.generator.max_slots, k * len(prompts)),
+                                      self.cfg.model.max_seq_len, tok.eos_id, tok.pad_id,
+                                      self.cfg.generator.max_new_tokens, temperature,
+                                      seed=self.cfg.run.seed * 1000 + self.rank)
+            rollouts = generate(engine, [(f"{p['uid']}/{j}", p["tokens"]) for p in prompts for j in range(k)])
+        groups = [rollouts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        return [{"uid": p["uid"], "completions": [tok.decode(r.completion_tokens) for r in group],
+                 "rewards": [self.task.score(r.completion_tokens, p["meta"]) for r in group]}
+                for p, group in zip(prompts, groups)]
 
     def wait_rounds_closed(self, rounds: int, timeout_s: float) -> int:
         """Block until `rounds` rounds have spent their token budget, or nothing is left to decode.
@@ -221,6 +243,7 @@ class Generator:
         self._raise_if_failed()
         return {**self.counters, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(), "busy_s": self.busy_s,
                 "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
+                "spans": self.clock.take_spans(),
                 "version": self.engine.version,
                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}
