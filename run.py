@@ -18,6 +18,7 @@ import msgpack
 import ray
 from tqdm import tqdm
 
+from actors.evaluation import evaluate_checkpoint, with_evaluated_run_overrides
 from actors.ledger import Ledger
 from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.supervisor import ABSORB_QUIET_S, Supervisor
@@ -343,13 +344,36 @@ def run(cfg: Config, argv: list[str], log) -> int:
     return 0 if status == "finished" else 1
 
 
+def evaluate(cfg: Config, argv: list[str], log) -> int:
+    """run.mode=eval: the newest complete checkpoint of `run.init_from` on the held-out prompts, in a
+    run directory of its own (actors/evaluation.py); the same actors, no training."""
+    run_dir = make_run_dir(cfg)
+    (run_dir / OVERRIDES).write_text(json.dumps(argv))
+    log.info("run directory: {}", run_dir)
+    with ray_session(cfg, namespace=run_dir.name, log=log):
+        system = None
+        try:
+            system = start_system(cfg)
+            check_shared_storage(system, run_dir)
+            evaluate_checkpoint(cfg, system, run_dir, log)
+            return 0
+        except (ActorFailure, CheckpointError) as err:
+            log.error("{}", err)
+            return 1
+        finally:
+            if system is not None:
+                stop_system(system)
+
+
 def main(argv: list[str]) -> int:
     log = setup_logging("driver")
     try:
-        cfg = load_config(with_run_overrides(argv))
+        cfg = load_config(with_evaluated_run_overrides(with_run_overrides(argv), OVERRIDES))
         if cfg.run.mode == "plan":
             print(plan_report(cfg))
             return 0
+        if cfg.run.mode == "eval":
+            return evaluate(cfg, argv, log)
         return run(cfg, argv, log)
     except ConfigError as err:  # at load, or against the Ray cluster's GPUs before any actor starts
         print(f"config error: {err}", file=sys.stderr)

@@ -220,6 +220,15 @@ def async_evaluate(system: System, prompts: list[dict]) -> dict:
     return {name: system.generators[name].evaluate.remote(shard) for name, shard in shards.items() if shard}
 
 
+def async_sample(system: System, prompts: list[dict], k: int, temperature: float) -> dict:
+    """`k` scored samples of each of `prompts` at `temperature`, split across the generators as
+    `async_evaluate` splits them (actors/evaluation.py)."""
+    names = list(system.generators)
+    shards = {name: prompts[i :: len(names)] for i, name in enumerate(names)}
+    return {name: system.generators[name].sample.remote(shard, k, temperature)
+            for name, shard in shards.items() if shard}
+
+
 def accuracy(results: dict) -> dict:
     correct = sum(r["correct"] for r in results.values() if r)
     total = sum(r["total"] for r in results.values() if r)

@@ -21,6 +21,7 @@ AUTO_GPUS = -1.0
 PLACEMENTS = ("pack", "spread")
 GPU_ROLES = ("learner", "generator")
 FAILURE_POLICIES = ("restart", "continue", "stop")
+RUN_MODES = ("train", "plan", "eval")
 
 
 class ConfigError(ValueError):
@@ -125,7 +126,7 @@ def validate(cfg: Config) -> None:
         threads = getattr(cfg, role).torch_threads
         _require(threads >= 1, f"{role}.torch_threads ({threads}) must be at least 1")
     _require(cfg.learner.warmup_threads >= 0, f"learner.warmup_threads ({cfg.learner.warmup_threads}) must be >= 0")
-    _require(cfg.run.mode in ("train", "plan"), f"run.mode ({cfg.run.mode}) must be train or plan")
+    _require(cfg.run.mode in RUN_MODES, f"run.mode ({cfg.run.mode}) must be one of {RUN_MODES}")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.ray.placement in PLACEMENTS, f"ray.placement ({cfg.ray.placement!r}) must be one of {PLACEMENTS}")
     _require(cfg.ray.start_timeout_s > 0, f"ray.start_timeout_s ({cfg.ray.start_timeout_s}) must be > 0")
@@ -145,6 +146,22 @@ def validate(cfg: Config) -> None:
         _require(not path or os.path.isdir(os.path.join(path, "checkpoints")),
                  f"run.{key} ({path!r}) is not a run directory with checkpoints")
     _require(not (cfg.run.resume and cfg.run.init_from), "run.resume and run.init_from exclude each other")
+    _validate_eval(cfg)
+
+
+def _validate_eval(cfg: Config) -> None:
+    """run.mode=eval: a run to evaluate, samples to estimate pass@k from, a run directory of its own."""
+    _require(cfg.eval.k >= 1, f"eval.k ({cfg.eval.k}) must be at least 1")
+    _require(cfg.eval.temperature > 0, f"eval.temperature ({cfg.eval.temperature}) must be > 0 (the greedy "
+                                       "accuracy is evaluated anyway)")
+    if cfg.run.mode != "eval":
+        return
+    _require(bool(cfg.run.init_from), "run.mode=eval needs run.init_from=<run dir>: the run to evaluate")
+    _require(not cfg.run.resume, f"run.mode=eval does not resume (run.resume={cfg.run.resume!r})")
+    own_dir = os.path.abspath(os.path.join(cfg.run.out_dir, cfg.run.name)) if cfg.run.name else ""
+    _require(own_dir != os.path.abspath(cfg.run.init_from),
+             f"run.out_dir/run.name ({own_dir}) is the evaluated run: the evaluation writes into a run "
+             "directory of its own, choose another run.name")
 
 
 def _validate_task(cfg: Config) -> None:

@@ -175,11 +175,14 @@ class RayConfig:
 
 @dataclass
 class RunConfig:
-    mode: str = _f("train", "train: the RL pipeline; plan: print the model's parameter and shard plan, no actors")
+    mode: str = _f("train", "train: the RL pipeline; plan: print the model's parameter and shard plan, no actors; "
+                            "eval: evaluate the newest complete checkpoint of run.init_from on the held-out prompts "
+                            "(greedy accuracy and pass@k, see eval.*) into a new run directory, no training")
     resume: str = _f("", "run directory to resume from its newest complete checkpoint, with the run's own "
                          "overrides ('' = fresh start)")
     init_from: str = _f("", "start a new run from the policy (model, optimizer, version) of this run directory's "
-                            "newest checkpoint instead of the warm-up ('' = warm up)")
+                            "newest checkpoint instead of the warm-up ('' = warm up); with run.mode=eval, the "
+                            "run to evaluate")
     checkpoint_every: int = _f(50, "RL steps between checkpoints (0: only at the end); each holds the "
                                    "model, optimizer and the whole asynchronous state")
     on_actor_failure: str = _f("restart", "a generator or judge died: restart (replace it), continue (without "
@@ -195,6 +198,14 @@ class RunConfig:
     time_budget_s: float = _f(0.0, "stop RL after this many seconds of wall time, evaluations not counted "
                                    "(0: run.steps only)")
     progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class EvalConfig:
+    k: int = _f(8, "run.mode=eval: completions sampled per held-out prompt; pass@j for j = 1, 2, 4, ... and k "
+                   "with the unbiased estimator over these k samples")
+    temperature: float = _f(1.0, "run.mode=eval: sampling temperature of the pass@k samples (the greedy "
+                                 "accuracy is at 0); sampling is seeded from run.seed")
 
 
 @dataclass
@@ -225,4 +236,5 @@ class Config:
     comm: CommConfig = field(default_factory=CommConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -168,5 +168,5 @@ def test_plan_mode_prints_totals_without_ray():
 
 
 def test_unknown_run_mode_is_rejected():
-    with pytest.raises(ValueError, match=r"run\.mode \(serve\) must be train or plan"):
+    with pytest.raises(ValueError, match=r"run\.mode \(serve\) must be one of \('train', 'plan', 'eval'\)"):
         load_config(["run.mode=serve"])
