@@ -15,6 +15,8 @@ import os
 
 import psutil
 
+from comm.auth import is_loopback
+
 HOST_POLICIES = ("auto", "loopback", "node")
 LOOPBACK = "127.0.0.1"
 WILDCARDS = ("0.0.0.0", "::")
@@ -55,7 +57,7 @@ def channel_hosts(host: str, node_ips: list[str]) -> list[str]:
 def pin_gloo_interface(address: str) -> None:
     """Make gloo (the learner group, the weight group on CPU) use the interface holding `address`,
     so that peers on other nodes reach it there, not at whatever the host name resolves to."""
-    if address in WILDCARDS or address == LOOPBACK:
+    if address in WILDCARDS or is_loopback(address):  # one machine: the host name's address serves
         return
     for interface, addresses in psutil.net_if_addrs().items():
         if any(a.address == address for a in addresses):
