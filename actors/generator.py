@@ -77,6 +77,7 @@ class Generator:
         self.round_open, self.round_tokens = True, 0
         self.rounds_closed, self.updates_applied, self.idle = 0, 0, False
         self.groups_sent, self.groups_sent_at_close = 0, []  # a round's batch: groups sent before it closed
+        self.first_group_sent_at = 0.0  # wall time (a replacement's first trajectories, in fault drills)
         self.round_progress = threading.Condition()
         self.new_fates: dict[str, str] = {}  # prompt uid -> fate, until the driver takes them
         self.hold_requested, self.held = threading.Event(), threading.Event()
@@ -245,7 +246,7 @@ class Generator:
                 "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
                 "spans": self.clock.take_spans(),
                 "version": self.engine.version,
-                "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
+                "first_group_sent_at": self.first_group_sent_at, "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
                 "paused_now": len(self.paused)}
 
     def stop(self) -> dict:
@@ -396,6 +397,7 @@ class Generator:
         sender.send_group(group)
         self.counters["generated_samples"] += len(group)
         self.groups_sent += 1
+        self.first_group_sent_at = self.first_group_sent_at or time.time()
 
     def _trajectory(self, rollout: Rollout, prompt: dict) -> Trajectory:
         routed = None

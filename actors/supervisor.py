@@ -4,13 +4,15 @@
 pending on every generator and judge; it fails the moment the actor's process dies. A dead
 generator or judge is then dealt with as `run.on_actor_failure` says:
 
-  restart   a new actor of the same name takes its place: a judge binds the dead one's port,
-            so the generators' sockets reconnect by themselves; a generator joins the
-            re-formed weight group, gets the current weights and starts decoding;
+  restart   a new actor of the same name takes its place: a judge binds the dead one's
+            endpoint if it is on the same node (the generators' sockets reconnect by
+            themselves), else the generators are pointed at its new one; a generator joins
+            the re-formed weight group, gets the current weights and starts decoding;
   continue  the same without a replacement: the pool shrinks (not below one of each);
   stop      the run stops with an ActorFailure naming the actor.
 
-With restart and continue, the prompts that may have died with the actor are re-issued (see
+Actors that died together (a lost node) are dealt with together. With restart and continue,
+the prompts that may have died with the actor are re-issued (see
 actors/ledger.py): those the dead generator held, or for a judge those sent on by the
 generators that no learner has received. The result of a call the death broke is None: the
 dead actor's own calls, and a weight broadcast (the recovery has re-sent the weights).
@@ -22,17 +24,19 @@ import time
 from dataclasses import asdict, dataclass
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.ledger import Ledger
-from actors.system import (ActorFailure, System, async_on_generators, async_on_learners, async_sync_weights, call,
-                           form_weight_group, new_generator, new_judge, start_generators, start_judge, summary)
+from actors.system import (ActorFailure, System, async_on_learners, async_sync_weights, call, form_weight_group,
+                           new_generator, new_judge, start_generators, start_judge, summary)
 from comm.weights import abort_weight_group
 from learner.staleness import AdmissionController
 
 DEATH_GRACE_S = 10.0  # after a call fails: how long its actor's death may take to be seen
+PROBE_S = 5.0  # on a death: how long another actor may take to answer before it counts as dead too
 ABSORB_QUIET_S = 0.5  # before re-issuing: learners take in what is still arriving, until this quiet
 NAME_RETRY_S = 0.2
+REPLACE_TIMEOUT_S = 60.0  # a replacement placed on a node Ray has not yet marked dead is made again
 
 
 @dataclass
@@ -120,31 +124,53 @@ class Supervisor:
         return watching[ready[0]] if ready else None
 
     def _on_death(self, name: str, broke: str) -> None:
-        """`name`'s watch call ended: its process died, or its work thread failed (it is killed)."""
+        """`name`'s watch call ended: its process died, or its work thread failed (it is killed).
+
+        Actors that died with it (a lost node takes all of its actors) are dealt with together:
+        the recovery must not call a dead one. Judges are replaced before generators, so that a
+        new generator starts towards the judges that are there.
+        """
+        start = time.monotonic()
+        dead = sorted([name, *self._also_dead(name)], key=lambda n: (n.startswith("generator"), n))
+        faults = [self._record_death(n, broke) for n in dead]
+        pools = {n: self.system.generators if n.startswith("generator") else self.system.judges for n in dead}
+        for n in dead:
+            ray.kill(pools[n][n], no_restart=True)
+        generators = [n for n in dead if n.startswith("generator")]
+        if generators:
+            self._abort_weight_group(f"{', '.join(generators)} {faults[-1].cause} at step {self.step}")
+        suspects = self._lost_with(dead)
+        emptied = [n for n in dead if len([m for m in pools[n] if m not in dead]) == 0]
+        if self.policy == "stop" or (self.policy == "continue" and emptied):
+            self.settle({uid: "actor_lost" for uid in suspects})
+            raise ActorFailure(name, f"{faults[0].cause} at step {self.step} (run.on_actor_failure={self.policy})")
+        if self.policy == "restart":
+            self._replace(dead)
+        else:
+            for n in dead:
+                del pools[n][n]
+            if generators:
+                self._refresh_weight_group()
+        reissued = self._reissue(suspects)
+        for fault in faults:
+            fault.reissued, fault.recovered_s = reissued, time.monotonic() - start
+        self.log.warning("{} {} after {:.1f}s; {} prompts re-issued", ", ".join(dead),
+                         "replaced" if self.policy == "restart" else "left the pool", time.monotonic() - start,
+                         reissued)
+
+    def _record_death(self, name: str, broke: str) -> Fault:
         fault = Fault(name, self.step, time.time(), broke=broke)
         self.faults.append(fault)
         fault.cause = _cause(self.watches.pop(name))
         self.log.error("{} {} at step {} (in flight: {})", name, fault.cause, self.step, broke or "nothing")
-        pool = self.system.generators if name.startswith("generator") else self.system.judges
-        start = time.monotonic()
-        ray.kill(pool[name], no_restart=True)
-        if name.startswith("generator"):
-            self._abort_weight_group(f"{name} {fault.cause} at step {self.step}")
-        suspects = self._lost_with(name)
-        if self.policy == "stop" or (self.policy == "continue" and len(pool) == 1):
-            self.settle({uid: "actor_lost" for uid in suspects})
-            raise ActorFailure(name, f"{fault.cause} at step {self.step} (run.on_actor_failure={self.policy})")
-        if self.policy == "restart":
-            self._replace(name, pool)
-        else:
-            del pool[name]
-            if name.startswith("generator"):
-                self._refresh_weight_group()
-        fault.reissued = self._reissue(suspects)
-        fault.recovered_s = time.monotonic() - start
-        self.log.warning("{} {} after {:.1f}s; {} prompts re-issued", name,
-                         "replaced" if self.policy == "restart" else "left the pool", fault.recovered_s,
-                         fault.reissued)
+        return fault
+
+    def _also_dead(self, name: str) -> list[str]:
+        """The other watched actors that are dead or cannot be reached within PROBE_S."""
+        others = {n: actor for n, actor in self._watched().items() if n != name and n in self.watches}
+        probes = {actor.__ray_ready__.remote(): n for n, actor in others.items()}
+        ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=PROBE_S)
+        return [n for ref, n in probes.items() if ref not in ready or not _answered(ref)]
 
     def _abort_weight_group(self, reason: str) -> None:
         """Ranks waiting in the weight group for the dead generator give up now, not at their timeout."""
@@ -153,36 +179,54 @@ class Supervisor:
         except RuntimeError as err:  # its store is gone with learner-0: nobody is left waiting on it
             self.log.warning("could not abort the weight group: {}", summary(err))
 
-    def _lost_with(self, dead: str) -> set[str]:
-        """Prompt copies that may have died with `dead`: every pending copy it owned (a generator),
-        or every pending copy no live generator holds (a judge: it may have had any of them)."""
-        if dead.startswith("generator"):
-            return set(self.ledger.pending(dead))
-        held = call({name: g.holding.remote() for name, g in self.system.generators.items()})
-        return set(self.ledger.pending()) - {uid for uids in held.values() for uid in uids}
+    def _lost_with(self, dead: list[str]) -> set[str]:
+        """Prompt copies that may have died with `dead`: every pending copy a dead generator owned,
+        and if a judge died, every pending copy no live generator holds (it may have had any)."""
+        lost = {uid for name in dead if name.startswith("generator") for uid in self.ledger.pending(name)}
+        if any(name.startswith("judge") for name in dead):
+            live = {name: g for name, g in self.system.generators.items() if name not in dead}
+            held = call({name: g.holding.remote() for name, g in live.items()})
+            lost |= set(self.ledger.pending()) - {uid for uids in held.values() for uid in uids}
+        return lost
 
-    def _replace(self, name: str, pool: dict) -> None:
-        actor = self._new_actor(name)
-        pool[name] = actor
-        if name.startswith("judge"):
-            dead_endpoint = self.system.judge_endpoints[name]
-            start_judge(self.system, name, actor, reuse=dead_endpoint)
-            if self.system.judge_endpoints[name] != dead_endpoint:  # placed on another node
-                self.call(async_on_generators(self.system, "connect_judges", list(self.system.judge_endpoints.values())))
-        else:
+    def _replace(self, dead: list[str]) -> None:
+        """New actors under the dead ones' names: judges first, then the generators, which join a
+        re-formed weight group, get the current weights and start decoding."""
+        for name in dead:
+            actor = self._new_actor(name)
+            if name.startswith("judge"):
+                self.system.judges[name] = actor
+                dead_endpoint = self.system.judge_endpoints[name]
+                start_judge(self.system, name, actor, reuse=dead_endpoint)
+                if self.system.judge_endpoints[name] != dead_endpoint:  # placed on another node
+                    live = {n: g for n, g in self.system.generators.items() if n not in dead}
+                    call({n: g.connect_judges.remote(list(self.system.judge_endpoints.values()))
+                          for n, g in live.items()})
+            else:
+                self.system.generators[name] = actor
+            self.watches[name] = actor.watch.remote()
+        generators = [name for name in dead if name.startswith("generator")]
+        if generators:
             self._refresh_weight_group()
-            start_generators(self.system, [name])
-        self.watches[name] = actor.watch.remote()
+            start_generators(self.system, generators)
 
     def _new_actor(self, name: str):
-        """A new actor under the dead one's name (Ray frees the name once the death is recorded)."""
+        """A live new actor under the dead one's name. Ray frees the name once the death is recorded;
+        until Ray has marked a lost node dead it may still place the actor there, where it dies at
+        once: then it is made again."""
         make = new_generator if name.startswith("generator") else new_judge
-        for _ in range(int(DEATH_GRACE_S / NAME_RETRY_S)):
+        deadline = time.monotonic() + REPLACE_TIMEOUT_S
+        while time.monotonic() < deadline:
             try:
-                return make(self.system, name)
+                actor = make(self.system, name)
             except ValueError:  # the name is still taken
                 time.sleep(NAME_RETRY_S)
-        raise ActorFailure(name, f"could not be replaced: its name was not freed in {DEATH_GRACE_S}s")
+                continue
+            if _answered(actor.__ray_ready__.remote(), timeout_s=REPLACE_TIMEOUT_S):
+                return actor
+            self.log.warning("{}'s replacement died at start; trying again", name)
+            ray.kill(actor, no_restart=True)
+        raise ActorFailure(name, f"could not be replaced in {REPLACE_TIMEOUT_S:g}s")
 
     def _refresh_weight_group(self) -> None:
         """A weight group with a dead member is unusable: form a new one and send the weights again."""
@@ -220,6 +264,15 @@ class Supervisor:
 
     def report(self) -> list[dict]:
         return [asdict(fault) for fault in self.faults]
+
+
+def _answered(ref, timeout_s: float = 0.0) -> bool:
+    """Whether a call returned (rather than raising: its actor is gone) within `timeout_s`."""
+    try:
+        ray.get(ref, timeout=timeout_s)
+        return True
+    except (RayActorError, RayTaskError, GetTimeoutError):
+        return False
 
 
 def _cause(ref) -> str:
