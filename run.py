@@ -217,7 +217,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
     if "after_warmup" not in recorder.evaluations:
         result = recorder.evaluation("after_warmup", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
         log.info("held-out greedy accuracy before RL: {:.1%}", result["accuracy"])
-    recorder.start_rl(pool_totals(sup.call(async_stats(sup.system))))
+    recorder.start_rl(pool_totals(recorder.take_spans(sup.call(async_stats(sup.system)))))
     clock = RLClock(cfg.run.eval_every_s)
     budget_s = cfg.run.time_budget_s or math.inf
     bar = tqdm(range(progress.step, cfg.run.steps), desc="RL", initial=progress.step, total=cfg.run.steps,
@@ -240,7 +240,7 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
             admit(sup, task, progress)
         sup.settle({uid: fate for fates in sup.call(async_on_generators(sup.system, "take_fates")).values()
                     if fates for uid, fate in fates.items()})
-        counters = sup.call(async_stats(sup.system))
+        counters = recorder.take_spans(sup.call(async_stats(sup.system)))  # the spans go to the timeline
         recorder.processes({name: {"pid": c["pid"], "node": c["node"]} for name, c in counters.items() if c})
         totals = pool_totals(counters)
         progress.step = step + 1
@@ -334,7 +334,7 @@ def run(cfg: Config, argv: list[str], log) -> int:
         except (ActorFailure, CheckpointError) as err:
             log.error("{}", err)
         finally:
-            final = stop_system(system)
+            final = recorder.take_spans(stop_system(system))
             extra = {"actors": final, "weight_path": system.weight_path, "faults": sup.report() if sup else []}
             if sup:
                 sup.settle_reported(final)

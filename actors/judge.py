@@ -9,7 +9,8 @@ hang runs in a process the task kills when that time is up (math: a comparison w
 the sandboxed program), so a timed-out sample scores 0 with reason `judge_timeout` and the
 judge moves on, no thread left stuck. Every reason (correct, wrong_answer, judge_timeout, the
 sandbox verdicts, ...) is counted in the actor's stats, next to the judging rate: samples per
-second of scoring time, the capacity that `judge.num` scales.
+second of scoring time, the capacity that `judge.num` scales. The scoring thread's time is on a
+PhaseClock (actors/phases.py): waiting for groups, scoring, sending them on.
 
 At stop, the group being scored is abandoned (after its current sample) and the groups still
 queued are drained; both are counted as `dropped_run_end` and reported by prompt uid, so every
@@ -25,6 +26,7 @@ from collections import Counter
 
 import ray
 
+from actors.phases import PhaseClock, timed
 from actors.tasks import build_task, judge_completion
 from comm.addresses import bind_address
 from comm.auth import ChannelKeys, endpoint_host
@@ -54,6 +56,7 @@ class Judge:
         self.fates: dict[str, str] = {}
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
+        self.clock = PhaseClock()
 
     def start(self, learner_endpoints: list[str], reuse: str = "") -> str:
         """Bind the inbound channel in the scoring thread; returns its endpoint.
@@ -62,6 +65,7 @@ class Judge:
         node, so the generators' connections to it come back by themselves; elsewhere any port.
         """
         port = int(reuse.rsplit(":", 1)[1]) if reuse and endpoint_host(reuse) == self.advertised_host else 0
+        self.clock = PhaseClock()  # the scoring thread's time, phase by phase, from now on
         self.thread = threading.Thread(target=self._run, args=(learner_endpoints, port), daemon=True,
                                        name=self.name)
         self.thread.start()
@@ -70,12 +74,14 @@ class Judge:
         return self.endpoint
 
     def stats(self) -> dict:
-        """Counters by reason, drops, and the judging rate (samples per second of scoring)."""
+        """Counters by reason, drops, the judging rate (samples per second of scoring), the phases and
+        the spans since the last call."""
         self._raise_if_failed()
         judged = self.counters["judged_samples"]
         return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "judged_samples": judged, "scoring_s": self.scoring_s,
-                "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0}
+                "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0,
+                "phases": self.clock.seconds(), "spans": self.clock.take_spans()}
 
     def watch(self) -> None:
         """Returns when the judge stops, raises when its scoring thread failed; the driver keeps
@@ -98,11 +104,12 @@ class Judge:
         self.endpoint_ready.set()
         try:
             while not self.stopping.is_set():
-                group = receiver.recv_group(timeout_s=POLL_S)
+                group = self._next_group(receiver, POLL_S)
                 self.receiver_drops = receiver.dropped
                 if group is not None and self._score_group(group):
-                    sender.send_group(group)
-            while (group := receiver.recv_group(timeout_s=DRAIN_QUIET_S)) is not None:
+                    with self.clock.phase("sending"):  # blocks only at the learners' high-water mark
+                        sender.send_group(group)
+            while (group := self._next_group(receiver, DRAIN_QUIET_S)) is not None:
                 self._drop_at_stop(group)
         except BaseException as err:
             self.failure = err
@@ -112,6 +119,11 @@ class Judge:
             receiver.close()
             sender.close()
 
+    def _next_group(self, receiver: TrajectoryReceiver, timeout_s: float) -> list[Trajectory] | None:
+        with self.clock.phase("waiting"):
+            return receiver.recv_group(timeout_s=timeout_s)
+
+    @timed("scoring")
     def _score_group(self, group: list[Trajectory]) -> bool:
         """Score every trajectory in place; False if the judge is stopping (the group is dropped)."""
         for trajectory in group:

@@ -286,7 +286,7 @@ class Learner:
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
         return {**self.counters, **drops, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(),
-                "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
+                "peak_flops": self.peak_flops, "phases": self.clock.seconds(), "spans": self.clock.take_spans(),
                 "version": self.trainer.version if self.trainer else 0}
 
     @timed("checkpointing")

@@ -1,7 +1,12 @@
-"""The run directory: metrics.jsonl, a learning-curve PNG, summary.json and the checkpoint.
+"""The run directory: metrics.jsonl, TensorBoard event files, a learning-curve PNG, timeline.json,
+summary.json and the checkpoint.
 
 One JSON line per RL step (and one per evaluation), written as it happens, so a
-run that is stopped still leaves its metrics behind.
+run that is stopped still leaves its metrics behind. The same figures go to TensorBoard event
+files in the run directory (`tensorboard --logdir runs/`): every number of a step's record at
+global step `step` (a dict such as `lag_histogram` as `lag_histogram/<lag>`), each evaluation's
+as `evaluation/<name>/<figure>` at the step it follows. The actors' phase spans and the driver's
+loop phases make timeline.json (actors/timeline.py), written at the end of the run.
 """
 import json
 import math
@@ -11,9 +16,13 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from tensorboardX import SummaryWriter
+
+from actors.timeline import Timeline
 from conf.schema import Config
 
 MFU_ROLES = ("generator", "learner")
+TENSORBOARD_FLUSH_S = 5  # how stale the event files may be while a run goes on
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -34,16 +43,29 @@ class Recorder:
         self.round_token_budget = cfg.algo.round_token_budget
         self.rl_start: dict | None = None  # the pool's totals when RL (re)started: MFU counts from there
         self.rates_since: dict | None = None  # the record the next step's rates are counted from
+        self.timeline = Timeline()
+        self.tensorboard: SummaryWriter | None = None  # opened at the first figure (after a resume's purge)
+        self.purge_step: int | None = None
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     @contextmanager
     def timer(self, phase: str):
-        """Time one phase of the loop; the figure lands in the next step record."""
-        start = time.perf_counter()
+        """Time one phase of the loop; the figure lands in the next step record, the span in the timeline."""
+        start, wall_start = time.perf_counter(), time.time()
         try:
             yield
         finally:
-            self.timings[f"time/{phase}_s"] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.timings[f"time/{phase}_s"] += elapsed
+            self.timeline.span("driver", "loop", phase, wall_start, wall_start + elapsed)
+
+    def take_spans(self, stats: dict[str, dict | None]) -> dict[str, dict | None]:
+        """Move the phase spans out of the actors' stats (by actor name) into the timeline; returns the
+        stats without them."""
+        for name, actor_stats in stats.items():
+            if actor_stats and "spans" in actor_stats:
+                self.timeline.add(name, actor_stats["spans"])
+        return {name: {k: v for k, v in s.items() if k != "spans"} if s else s for name, s in stats.items()}
 
     def processes(self, where: dict[str, dict]) -> None:
         """actors.json: the process id and node address of every live actor by name (to find one, or
@@ -61,6 +83,10 @@ class Recorder:
         self.metrics = open(path, "a")
         self.steps = [r for r in kept if "step" in r]
         self.evaluations = {r["evaluation"]: r for r in kept if "evaluation" in r}
+        self.purge_step = step  # TensorBoard hides the lost steps' figures too
+        earlier = self.run_dir / "timeline.json"
+        if earlier.exists():
+            earlier.rename(self.run_dir / f"timeline-before-resume-at-step-{step:06d}.json")
 
     def start_rl(self, totals: dict) -> None:
         """The pool's totals (pool_totals in run.py) as RL starts: the first step's rates count from here."""
@@ -85,16 +111,28 @@ class Recorder:
                 record["round_budget_utilisation"] = new_tokens / self.round_token_budget
         self.steps.append(record)
         self._write(record)
+        self._to_tensorboard("", record, record["step"])
         return record
 
     def evaluation(self, name: str, result: dict) -> dict:
         self.evaluations[name] = result
-        self._write({"evaluation": name, **result, "wall": time.time()})
+        record = {"evaluation": name, **result, "wall": time.time()}
+        self._write(record)
+        self._to_tensorboard(f"evaluation/{name}/", record, self.steps[-1]["step"] + 1 if self.steps else 0)
         return result
 
     def _write(self, record: dict) -> None:
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+
+    def _to_tensorboard(self, prefix: str, record: dict, step: int) -> None:
+        """Every number of `record` as a scalar at global step `step`, stamped with the record's wall time."""
+        if self.tensorboard is None:
+            resumed = "" if self.purge_step is None else f".from-step-{self.purge_step}"  # a file name of its own
+            self.tensorboard = SummaryWriter(str(self.run_dir), purge_step=self.purge_step,
+                                             flush_secs=TENSORBOARD_FLUSH_S, filename_suffix=resumed)
+        for tag, value in _scalars(record, prefix):
+            self.tensorboard.add_scalar(tag, value, step, walltime=record["wall"])
 
     def plot(self) -> None:
         if not self.steps:
@@ -155,9 +193,12 @@ class Recorder:
         if before is not None and after is not None:
             self.summary["accuracy_gain"] = after - before
         self.plot()
+        self.timeline.write(self.run_dir / "timeline.json")
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps(self.summary, indent=2, default=str))
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return path
 
 
@@ -183,6 +224,23 @@ def phase_shares(before: dict, after: dict) -> dict:
             if wall > 0:
                 shares[f"share/{key.removeprefix('phases/')}"] = (seconds - before.get(key, 0.0)) / wall
     return shares
+
+
+def _scalars(record: dict, prefix: str) -> list[tuple[str, float]]:
+    """(tag, value) for every number in `record` but its step and wall time; a dict's numbers as `key/<k>`."""
+    scalars = []
+    for key, value in record.items():
+        if key in ("step", "wall"):
+            continue
+        if isinstance(value, dict):
+            scalars += [(f"{prefix}{key}/{k}", v) for k, v in value.items() if _is_number(v)]
+        elif _is_number(value):
+            scalars.append((f"{prefix}{key}", value))
+    return scalars
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

@@ -1,5 +1,6 @@
 """End-to-end runs of `run.py` on real Ray: the policy learns; an existing cluster is reused."""
 import json
+import math
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.test_timeline import read_scalars
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +48,7 @@ def test_short_run_learns(tmp_path):
     assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
     assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
     assert_figures_of_the_run(summary, steps)
+    assert_run_can_be_watched(tmp_path / "e2e", summary, steps)
     for name in ("learning_curve.png", "checkpoints/step-000040/model/.metadata", "checkpoints/step-000040/driver.json",
                  "checkpoints/step-000040/MANIFEST.json", "config.json", "actors.json"):
         assert (tmp_path / "e2e" / name).exists(), name
@@ -61,6 +64,34 @@ def assert_figures_of_the_run(summary: dict, steps: list[dict]) -> None:
     for role in ("generator", "learner"):  # each step's shares of a role's time add up to one
         shares = [sum(v for k, v in r.items() if k.startswith(f"share/{role}/")) for r in steps[1:]]
         assert all(abs(total - 1) <= 0.02 for total in shares), shares
+
+
+def assert_run_can_be_watched(run_dir: Path, summary: dict, steps: list[dict]) -> None:
+    """TensorBoard holds the steps and rewards of metrics.jsonl; timeline.json has spans of every actor,
+    and a generator's cover its wall time; the spans went to neither metrics.jsonl nor summary.json."""
+    rewards = read_scalars(run_dir)["reward"]
+    assert [step for step, _ in rewards] == [r["step"] for r in steps]
+    assert [value for _, value in rewards] == pytest.approx([r["reward"] for r in steps], rel=1e-6)  # float32
+    trace = json.loads((run_dir / "timeline.json").read_text())
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    spans: dict[str, list] = {}
+    for event in trace["traceEvents"]:
+        if event["ph"] == "X":
+            spans.setdefault(names[event["pid"]], []).append((event["ts"], event["ts"] + event["dur"]))
+    assert {"driver", "learner-0", "judge-0", "generator-0"} <= set(spans), set(spans)
+    covered_s = union_length(spans["generator-0"]) / 1e6
+    wall_s = summary["actors"]["generator-0"]["phases"]["wall"]
+    assert abs(covered_s - wall_s) <= 0.02 * wall_s, (covered_s, wall_s, trace["otherData"])
+    assert all("spans" not in actor for actor in summary["actors"].values())
+    assert not any("spans" in key for r in steps for key in r)
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    total, reached = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total
 
 
 def assert_every_sample_accounted_for(summary: dict) -> None:
