@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 
 import numpy as np
 import ray
@@ -197,7 +198,7 @@ class Generator:
     def evaluate(self, prompts: list[dict]) -> dict:
         """Greedy accuracy on `prompts` under the current weights (decoding pauses meanwhile)."""
         tok = self.task.tokenizer
-        with self.step_lock, self.clock.phase("evaluating"):
+        with self.step_lock:  # the decode thread counts its wait for the lock as `evaluating`
             engine = GenerationEngine(self.model, len(prompts), self.cfg.model.max_seq_len, tok.eos_id,
                                       tok.pad_id, self.cfg.generator.max_new_tokens, temperature=0.0)
             rollouts = generate(engine, [(p["uid"], p["tokens"]) for p in prompts])
@@ -216,7 +217,7 @@ class Generator:
         this generator's rank: the same prompts give the same samples on every call and every run.
         """
         tok = self.task.tokenizer
-        with self.step_lock, self.clock.phase("evaluating"):
+        with self.step_lock:  # the decode thread counts its wait for the lock as `evaluating`
             engine = GenerationEngine(self.model, min(self.cfg.generator.max_slots, k * len(prompts)),
                                       self.cfg.model.max_seq_len, tok.eos_id, tok.pad_id,
                                       self.cfg.generator.max_new_tokens, temperature,
@@ -278,7 +279,7 @@ class Generator:
                     with self.clock.phase("paused_for_round"):
                         time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
                     continue
-                with self.step_lock, self.clock.phase("decoding"):
+                with self._step_locked("decoding"):
                     self._fill_slots_locked()
                     self._set_idle(not self.engine.num_active)
                 if self.idle:
@@ -296,7 +297,7 @@ class Generator:
             sender.close()
 
     def _decode_step(self, sender: TrajectorySender) -> None:
-        with self.step_lock, self.clock.phase("decoding"):  # an evaluation's wait is not decoding
+        with self._step_locked("decoding"):
             start = time.perf_counter()
             finished = self.engine.step()
             self.busy_s += time.perf_counter() - start
@@ -309,6 +310,18 @@ class Generator:
         if self.round_budget and self.round_tokens >= self.round_budget:
             with self.clock.phase("decoding"):
                 self._close_round()
+
+    @contextmanager
+    def _step_locked(self, phase: str):
+        """The decode thread's step lock, then `phase`. Waiting for the lock counts as `evaluating`:
+        an evaluation holds it for seconds (the driver's short calls for microseconds)."""
+        with self.clock.phase("evaluating"):
+            self.step_lock.acquire()
+        try:
+            with self.clock.phase(phase):
+                yield
+        finally:
+            self.step_lock.release()
 
     def _close_round(self) -> None:
         """Pause every unfinished rollout; one cut more than sigma times purges its group."""
