@@ -16,14 +16,15 @@ from pathlib import Path
 
 import msgpack
 import ray
-from tqdm import tqdm
 
 from actors.evaluation import evaluate_checkpoint, with_evaluated_run_overrides
 from actors.ledger import Ledger
 from actors.record import MFU_ROLES, Recorder, make_run_dir
+from actors.status import Status
+from actors.telemetry import ActorMetrics
 from actors.supervisor import ABSORB_QUIET_S, Supervisor
-from actors.system import (ActorFailure, accuracy, alive_node_ips, async_evaluate, async_on_generators,
-                           async_on_learners, async_stats, call, check_shared_storage, start_generators,
+from actors.system import (ActorFailure, accuracy, alive_node_ips, async_on_generators, async_on_learners,
+                           async_stats, call, check_shared_storage, evaluate_in_slices, start_generators,
                            start_system, stop_system)
 from actors.tasks import build_task
 from comm.logs import setup_logging
@@ -38,6 +39,7 @@ SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__
 DRIVER_STATE = "driver.json"
 OVERRIDES = "overrides.json"
 COLLECT_SLICE_S = 1.0  # the driver looks after the actors between slices of a learner's wait
+WARMUP_SLICE = 25     # warm-up steps per learner call: the progress shown moves this often
 
 
 @dataclass
@@ -77,10 +79,17 @@ def ray_session(cfg: Config, namespace: str, log):
         num_cpus = cfg.ray.num_cpus or max(os.cpu_count(), math.ceil(wanted))
         context = ray.init(address="local", num_cpus=num_cpus, namespace=namespace, runtime_env=runtime_env,
                            include_dashboard=cfg.ray.dashboard)
-    log.info("Ray dashboard: {}", f"http://{context.dashboard_url}" if context.dashboard_url else "off")
+    if context.dashboard_url:  # Ray asks for its token: authentication stays on
+        log.info("Ray dashboard: http://{} (it asks for a token: `ray get-auth-token` prints it)",
+                 context.dashboard_url)
+    else:
+        log.info("Ray dashboard: off")
     try:
         resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))  # before any actor starts
         resolve_host(cfg, alive_node_ips())
+        log.info("Ray metrics (Prometheus): {}", ", ".join(f"http://{node['NodeManagerAddress']}:"
+                                                            f"{node['MetricsExportPort']}/metrics"
+                                                            for node in ray.nodes() if node["Alive"]))
         check_placeable(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
         log.info("GPUs per actor: learner {:g}, generator {:g}", cfg.learner.num_gpus, cfg.generator.num_gpus)
         yield
@@ -115,9 +124,15 @@ def warm_up(cfg: Config, system, recorder: Recorder, log) -> None:
     if not cfg.learner.warmup_steps:
         log.info("no warm-up (learner.warmup_steps=0): RL starts from the initial policy")
         return
+    steps, seconds = cfg.learner.warmup_steps, 0.0
+    status = Status(cfg, log, "warm-up", steps)
     with recorder.timer("warmup"):
-        warmup = call(async_on_learners(system, "warmup"))["learner-0"]
-    log.info("warm-up done: loss {:.3f} in {:.0f}s on {} threads per learner", warmup["sft_loss"], warmup["warmup_s"],
+        for done in range(0, steps, WARMUP_SLICE):
+            warmup = call(async_on_learners(system, "warmup", min(WARMUP_SLICE, steps - done)))["learner-0"]
+            seconds += warmup["warmup_s"]
+            status.update(min(WARMUP_SLICE, steps - done), loss=warmup["sft_loss"])
+    status.close()
+    log.info("warm-up done: loss {:.3f} in {:.0f}s on {} threads per learner", warmup["sft_loss"], seconds,
              warmup["warmup_threads"])
 
 
@@ -215,14 +230,14 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
     task = build_task(cfg.task)
     eval_prompts = [vars(p) for p in task.eval_prompts()]
     if "after_warmup" not in recorder.evaluations:
-        result = recorder.evaluation("after_warmup", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
+        result = recorder.evaluation("after_warmup", held_out_accuracy(cfg, sup, eval_prompts, log))
         log.info("held-out greedy accuracy before RL: {:.1%}", result["accuracy"])
     recorder.start_rl(pool_totals(recorder.take_spans(sup.call(async_stats(sup.system)))))
     clock = RLClock(cfg.run.eval_every_s)
     budget_s = cfg.run.time_budget_s or math.inf
-    bar = tqdm(range(progress.step, cfg.run.steps), desc="RL", initial=progress.step, total=cfg.run.steps,
-               disable=not cfg.run.progress, file=sys.stdout)
-    for step in bar:
+    status = Status(cfg, log, "RL", cfg.run.steps, initial=progress.step)
+    metrics = ActorMetrics("driver", "driver")
+    for step in range(progress.step, cfg.run.steps):
         if clock.seconds() > budget_s:
             break
         sup.step = step
@@ -244,21 +259,40 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         recorder.processes({name: {"pid": c["pid"], "node": c["node"]} for name, c in counters.items() if c})
         totals = pool_totals(counters)
         progress.step = step + 1
+        publish_driver_metrics(metrics, sup, progress)
         stats["rl_s"] = clock.seconds()
         # `|`, not `or`: the grid moves on even when another reason made the evaluation due
         if due_for_evaluation(cfg, step, totals["trained_samples"], recorder) | clock.grid_due():
             with recorder.timer("eval"), clock.paused():
-                stats["eval_accuracy"] = accuracy(sup.call(async_evaluate(sup.system, eval_prompts)))["accuracy"]
+                stats["eval_accuracy"] = held_out_accuracy(cfg, sup, eval_prompts, log)["accuracy"]
         record = recorder.step({"step": step, **stats, **totals, "weight_sync_s": sync["learner-0"]["seconds"],
-                       "weight_sync_bytes": sync["learner-0"]["bytes"], "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
+                                "weight_sync_bytes": sync["learner-0"]["bytes"],
+                                "in_flight": progress.admission.in_flight, "prompt_cursor": progress.cursor})
         if cfg.run.checkpoint_every and progress.step % cfg.run.checkpoint_every == 0 and progress.step < cfg.run.steps:
             with recorder.timer("checkpoint"):
                 checkpoint(cfg, sup, progress, recorder.run_dir, log)
-        bar.set_postfix(reward=f"{stats['reward']:.2f}", v=stats["version"], mfu=f"{record.get('mfu/run', 0):.2f}")
+        status.update(reward=stats["reward"], accuracy=stats["accuracy"], version=stats["version"],
+                      tokens_per_s=round(record.get("generated_tokens_per_s", 0.0)), mfu=record.get("mfu/run", 0.0))
+    status.close()
     recorder.summary.update(rl_wall_s=clock.seconds(), rl_eval_s=clock.paused_s)
-    result = recorder.evaluation("after_rl", accuracy(sup.call(async_evaluate(sup.system, eval_prompts))))
+    result = recorder.evaluation("after_rl", held_out_accuracy(cfg, sup, eval_prompts, log))
     log.info("held-out greedy accuracy after RL: {:.1%}", result["accuracy"])
     checkpoint(cfg, sup, progress, recorder.run_dir, log)
+
+
+def publish_driver_metrics(metrics: ActorMetrics, sup: Supervisor, progress: Progress) -> None:
+    """The ledger's figures in Ray's metrics: admitted, in flight, trained, dropped by reason."""
+    samples = sup.ledger.totals()
+    metrics.publish({"admitted": samples["admitted"], "in_flight": progress.admission.in_flight,
+                     "trained": samples["trained"], "step": progress.step}, samples["dropped"])
+
+
+def held_out_accuracy(cfg: Config, sup: Supervisor, prompts: list[dict], log) -> dict:
+    """Greedy accuracy on the held-out `prompts`, a slice at a time (progress shows)."""
+    status = Status(cfg, log, "evaluation", len(prompts))
+    results = evaluate_in_slices(sup.system, prompts, sup.call, status.update)
+    status.close()
+    return accuracy(results)
 
 
 def round_batch_end(cfg: Config, sup: Supervisor, step: int) -> int | None:

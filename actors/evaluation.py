@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from actors.system import System, accuracy, async_evaluate, async_on_learners, async_sample, async_sync_weights, call
+from actors.system import (System, accuracy, async_on_learners, async_sample, async_sync_weights, call,
+                           evaluate_in_slices)
 from actors.tasks import build_task
 from conf.load import ConfigError
 from conf.schema import Config
@@ -77,7 +78,7 @@ def evaluate_checkpoint(cfg: Config, system: System, run_dir: Path, log) -> dict
     task = build_task(cfg.task)
     prompts = [vars(p) for p in task.eval_prompts()]
     start = time.perf_counter()
-    greedy_results = call(async_evaluate(system, prompts))
+    greedy_results = evaluate_in_slices(system, prompts)
     greedy_s, start = time.perf_counter() - start, time.perf_counter()
     sampled = [s for shard in call(async_sample(system, prompts, cfg.eval.k, cfg.eval.temperature)).values()
                for s in shard]

@@ -23,6 +23,7 @@ import ray
 import torch
 
 from actors.phases import PhaseClock
+from actors.telemetry import ActorMetrics
 from actors.tasks import build_task
 from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
@@ -85,6 +86,8 @@ class Generator:
         self.thread: threading.Thread | None = None
         self.judge_endpoints: list[str] = []  # where the decode thread sends groups
         self.clock = PhaseClock()
+        self.metrics = ActorMetrics("generator", f"generator-{rank}")
+        self.last_reading = (time.monotonic(), 0)  # (when, generated tokens) at the last stats()
         self.failure: BaseException | None = None
 
     def placement_info(self) -> Placement:
@@ -242,13 +245,24 @@ class Generator:
             return self.groups_sent_at_close[rounds - 1] if self.rounds_closed >= rounds else self.groups_sent
 
     def stats(self) -> dict:
+        """Counters, phases and the spans since the last call; the live figures go to Ray's metrics."""
         self._raise_if_failed()
-        return {**self.counters, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(), "busy_s": self.busy_s,
-                "model_flops": self.engine.model_flops, "peak_flops": self.peak_flops, "phases": self.clock.seconds(),
-                "spans": self.clock.take_spans(),
-                "version": self.engine.version,
-                "first_group_sent_at": self.first_group_sent_at, "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
-                "paused_now": len(self.paused)}
+        stats = {**self.counters, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                 "device": self.placement.describe(), "busy_s": self.busy_s, "model_flops": self.engine.model_flops,
+                 "peak_flops": self.peak_flops, "phases": self.clock.seconds(), "spans": self.clock.take_spans(),
+                 "version": self.engine.version, "first_group_sent_at": self.first_group_sent_at,
+                 "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
+                 "paused_now": len(self.paused)}
+        self._publish_metrics(stats)
+        return stats
+
+    def _publish_metrics(self, stats: dict) -> None:
+        now, tokens = time.monotonic(), stats.get("generated_tokens", 0)
+        (then, before), self.last_reading = self.last_reading, (now, tokens)
+        self.metrics.publish({"tokens_per_s": (tokens - before) / max(now - then, 1e-6),
+                              "running_rollouts": stats["active"], "paused_rollouts": stats["paused_now"],
+                              "queued_prompts": stats["queued_prompts"], "policy_version": stats["version"],
+                              "loading_weights_s": stats["phases"].get("loading_weights", 0.0)})
 
     def stop(self) -> dict:
         """Stop decoding; what is still unfinished is reported with fate `unfinished`."""

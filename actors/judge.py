@@ -27,6 +27,7 @@ from collections import Counter
 import ray
 
 from actors.phases import PhaseClock, timed
+from actors.telemetry import ActorMetrics
 from actors.tasks import build_task, judge_completion
 from comm.addresses import bind_address
 from comm.auth import ChannelKeys, endpoint_host
@@ -57,6 +58,7 @@ class Judge:
         self.thread: threading.Thread | None = None
         self.failure: BaseException | None = None
         self.clock = PhaseClock()
+        self.metrics = ActorMetrics("judge", self.name)
 
     def start(self, learner_endpoints: list[str], reuse: str = "") -> str:
         """Bind the inbound channel in the scoring thread; returns its endpoint.
@@ -78,10 +80,13 @@ class Judge:
         the spans since the last call."""
         self._raise_if_failed()
         judged = self.counters["judged_samples"]
-        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "judged_samples": judged, "scoring_s": self.scoring_s,
-                "judgments_per_s": judged / self.scoring_s if self.scoring_s else 0.0,
-                "phases": self.clock.seconds(), "spans": self.clock.take_spans()}
+        rate = judged / self.scoring_s if self.scoring_s else 0.0
+        verdicts = {k: v for k, v in self.counters.items() if k != "judged_samples" and not k.startswith("dropped_")}
+        self.metrics.publish({"judgments_per_s": rate, "latency_s": self.scoring_s / judged if judged else None,
+                              "judged_samples": judged, "timeouts": self.counters["judge_timeout"]}, verdicts)
+        return {**self.counters, **{f"dropped_{k}": v for k, v in self.receiver_drops.items()}, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address(), "judged_samples": judged, "scoring_s": self.scoring_s,
+                "judgments_per_s": rate, "phases": self.clock.seconds(), "spans": self.clock.take_spans()}
 
     def watch(self) -> None:
         """Returns when the judge stops, raises when its scoring thread failed; the driver keeps

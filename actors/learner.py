@@ -27,6 +27,7 @@ import ray
 import torch
 
 from actors.phases import PhaseClock, timed
+from actors.telemetry import ActorMetrics
 from actors.tasks import build_task
 from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
@@ -75,6 +76,8 @@ class Learner:
         self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
         self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
         self.clock = PhaseClock(rest="between_calls")  # waiting for a batch, training, publishing
+        self.metrics = ActorMetrics("learner", f"learner-{rank}")
+        self.warmup_rng = random.Random(f"warmup-{cfg.run.seed}-{rank}")  # the demonstrations, across slices
         self.log.info("policy has {:,} parameters", self.model.count_parameters())
 
     def probe_storage(self, probes: str) -> tuple[str, str, str]:
@@ -125,18 +128,19 @@ class Learner:
         return list(self.model.state_dict().items())
 
     @timed("warmup")
-    def warmup(self) -> dict:
-        """Supervised warm-up on the task's imperfect demonstrations (each rank its own share).
+    def warmup(self, steps: int) -> dict:
+        """`steps` more steps of the supervised warm-up on the task's imperfect demonstrations (each
+        rank its own share); the driver calls it in slices to show progress.
 
         The generators idle meanwhile, so the learners take their cores (learner.warmup_threads).
         """
-        rng = random.Random(f"warmup-{self.cfg.run.seed}-{self.rank}")
+        rng = self.warmup_rng
         per_rank = self.cfg.learner.warmup_batch // self.cfg.learner.num
         threads = self.cfg.learner.warmup_threads or max(1, len(os.sched_getaffinity(0)) // self.cfg.learner.num)
         start, stats = time.perf_counter(), {}
         torch.set_num_threads(threads)
         try:
-            for _ in range(self.cfg.learner.warmup_steps):
+            for _ in range(steps):
                 pairs = [self.task.demonstration(rng) for _ in range(per_rank)]
                 batch = collate_demonstrations(pairs, self.task.tokenizer.pad_id)
                 stats = self.trainer.sft_step(*(tensor.to(self.device) for tensor in batch))
@@ -248,9 +252,21 @@ class Learner:
         stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards),
                  "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
                  "informative_groups": len(informative)}
+        start = time.perf_counter()
         stats.update(self._update(informative, groups))
         stats["version"] = self.trainer.version
-        return {**merge_rank_stats(gather_stats(stats)), "fates": fates}
+        merged = merge_rank_stats(gather_stats(stats))
+        self._publish_metrics(merged, time.perf_counter() - start)
+        return {**merged, "fates": fates}
+
+    def _publish_metrics(self, step: dict, seconds: float) -> None:
+        """The step's figures (every rank's merged) in Ray's metrics."""
+        lags = [int(lag) for lag in step.get("lag_histogram", {})]
+        masked = step.get("masked_below_alpha_frac", 0.0) + step.get("masked_above_beta_frac", 0.0)
+        self.metrics.publish({"step_s": seconds, "loss": step.get("loss"), "reward": step["reward"],
+                              "accuracy": step["accuracy"], "masked_frac": masked,
+                              "mean_abs_log_k": step.get("mean_abs_log_k"), "max_lag": max(lags) if lags else None,
+                              "version": step["version"]})
 
     def _update(self, informative: list, groups: list) -> dict:
         """One optimizer step over all ranks; skipped by all when no rank has a signal."""
@@ -285,7 +301,8 @@ class Learner:
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
-        return {**self.counters, **drops, "pid": os.getpid(), "node": ray.util.get_node_ip_address(), "device": self.placement.describe(),
+        return {**self.counters, **drops, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "device": self.placement.describe(),
                 "peak_flops": self.peak_flops, "phases": self.clock.seconds(), "spans": self.clock.take_spans(),
                 "version": self.trainer.version if self.trainer else 0}
 

@@ -2,8 +2,8 @@
 
 A generator's decode thread spends every moment in one of its phases (decoding, idle for
 lack of prompts, loading weights, blocked on a full send queue, paused for a round, held for
-a checkpoint, waiting while an evaluation has the model); a judge's scoring thread waits for groups, scores them and sends them on; a
-learner is in the driver's calls (waiting for a batch, training, publishing) or between them
+a checkpoint, waiting while an evaluation has the model); a judge's scoring thread waits for
+groups, scores them and sends them on; a learner is in the driver's calls (waiting for a batch, training, publishing) or between them
 (`between_calls`). `seconds()` adds the time not yet inside any phase to `unaccounted`, so the
 phases plus that always add up to the wall time since `start`; the metrics carry them per step,
 from which the overlap of generation and training is read.

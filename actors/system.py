@@ -11,6 +11,7 @@ just leaves the pool. The order of `system.generators` gives their weight-group 
 """
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from conf.schema import Config
 STOP_TIMEOUT_S = 30
 STOP_ORDER = ("generator", "judge", "learner")
 STORAGE_PROBES = ".storage-probes"
+EVAL_SLICE = 256  # held-out prompts per evaluation call
 PLACEMENT_STRATEGIES = {"pack": "DEFAULT", "spread": "SPREAD"}  # ray.placement -> Ray's scheduling strategy
 
 
@@ -211,6 +213,22 @@ def async_on_generators(system: System, method: str, *args) -> dict:
 
 def async_stats(system: System) -> dict:
     return {name: actor.stats.remote() for name, actor in system.named().items()}
+
+
+def evaluate_in_slices(system: System, prompts: list[dict], call_actors=call,
+                       progress: Callable[[int], None] = lambda done: None) -> dict:
+    """Greedy evaluation of `prompts`, EVAL_SLICE at a time: results by "<generator>/<first prompt>".
+
+    Whoever evaluates (a training run, `run.mode=eval`) slices alike, so the decode batches and
+    with them the results are the same. `call_actors` waits for the refs (the driver's supervisor
+    during a run); `progress(n)` follows each slice of n prompts.
+    """
+    results = {}
+    for start in range(0, len(prompts), EVAL_SLICE):
+        part = call_actors(async_evaluate(system, prompts[start : start + EVAL_SLICE]))
+        results.update({f"{name}/{start}": result for name, result in part.items()})
+        progress(min(EVAL_SLICE, len(prompts) - start))
+    return results
 
 
 def async_evaluate(system: System, prompts: list[dict]) -> dict:

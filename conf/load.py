@@ -130,8 +130,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.ray.placement in PLACEMENTS, f"ray.placement ({cfg.ray.placement!r}) must be one of {PLACEMENTS}")
     _require(cfg.ray.start_timeout_s > 0, f"ray.start_timeout_s ({cfg.ray.start_timeout_s}) must be > 0")
-    _require(valid_host(cfg.comm.host), f"comm.host ({cfg.comm.host!r}) must be one of {HOST_POLICIES} or an IP address")
+    _require(valid_host(cfg.comm.host),
+             f"comm.host ({cfg.comm.host!r}) must be one of {HOST_POLICIES} or an IP address")
     _require(cfg.run.checkpoint_every >= 0, f"run.checkpoint_every ({cfg.run.checkpoint_every}) must be >= 0")
+    _require(cfg.run.log_every_s > 0, f"run.log_every_s ({cfg.run.log_every_s}) must be > 0")
     _require(cfg.run.eval_every_s >= 0 and cfg.run.time_budget_s >= 0,
              f"run.eval_every_s ({cfg.run.eval_every_s}) and run.time_budget_s ({cfg.run.time_budget_s}) must be >= 0")
     _require(cfg.run.on_actor_failure in FAILURE_POLICIES,

@@ -77,7 +77,8 @@ class TaskConfig:
 class GeneratorConfig:
     num: int = _f(1, "generator actors")
     num_cpus: float = _f(1.0, "CPUs reserved per generator actor")
-    resources: dict[str, float] = _f({}, "custom Ray resources each generator needs (pins the role to nodes started with them: ray start --resources)")
+    resources: dict[str, float] = _f({}, "custom Ray resources each generator needs (pins the role to nodes "
+                                              "started with them: ray start --resources)")
     device: str = _f("auto", "auto | cpu | cuda: where the engine's model, KV cache and sampling live "
                              "(auto: cuda when Ray grants the actor a GPU); bf16 on CUDA, float32 on CPU")
     num_gpus: float = _f(-1.0, _gpus_help("generator"))
@@ -94,7 +95,8 @@ class GeneratorConfig:
 class JudgeConfig:
     num: int = _f(1, "judge actors")
     num_cpus: float = _f(0.25, "CPUs reserved per judge actor")
-    resources: dict[str, float] = _f({}, "custom Ray resources each judge needs (pins the role to nodes started with them: ray start --resources)")
+    resources: dict[str, float] = _f({}, "custom Ray resources each judge needs (pins the role to nodes "
+                                              "started with them: ray start --resources)")
     timeout_s: float = _f(5.0, "per-sample scoring timeout: the scorer is killed, the sample scores 0 "
                                "and judge_timeout is counted")
 
@@ -103,7 +105,8 @@ class JudgeConfig:
 class LearnerConfig:
     num: int = _f(1, "learner actors (shards)")
     num_cpus: float = _f(1.0, "CPUs reserved per learner actor")
-    resources: dict[str, float] = _f({}, "custom Ray resources each learner needs (pins the role to nodes started with them: ray start --resources)")
+    resources: dict[str, float] = _f({}, "custom Ray resources each learner needs (pins the role to nodes "
+                                              "started with them: ray start --resources)")
     device: str = _f("auto", "auto | cpu | cuda: where the learner's model and optimizer live (auto: cuda "
                              "when Ray grants the actor a GPU); on CUDA bf16 autocast over float32 master weights")
     num_gpus: float = _f(-1.0, _gpus_help("learner"))
@@ -197,7 +200,8 @@ class RunConfig:
                                   "evaluations pause the RL clock")
     time_budget_s: float = _f(0.0, "stop RL after this many seconds of wall time, evaluations not counted "
                                    "(0: run.steps only)")
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show progress: a bar on a terminal, else a status line every run.log_every_s")
+    log_every_s: float = _f(30.0, "seconds between status lines when stdout is not a terminal")
 
 
 @dataclass

@@ -35,8 +35,8 @@ START_S = 90
 class RayNode:
     """One `ray start --block` process and everything it starts, in a process group of its own."""
 
-    def __init__(self, args: list[str], log: Path, resources: dict, netns: str = ""):
-        prefix = ["ip", "netns", "exec", netns] if netns else []
+    def __init__(self, args: list[str], log: Path, resources: dict, prefix: tuple = ()):
+        """`prefix`: the command the node runs under (a network namespace, a mount of its own)."""
         self.log = log
         self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "ray.scripts.scripts", "start", "--block",
                                       f"--num-cpus={NODE_CPUS}", f"--resources={json.dumps(resources)}",
@@ -74,8 +74,9 @@ def alive_nodes(address: str, env: dict) -> int:
 
 
 @contextmanager
-def two_node_cluster(tmp_path: Path, head_ip: str, node_ip: str, netns: str = ""):
-    """(address, driver env, the second node) of a cluster that is stopped, every process of it, on exit."""
+def two_node_cluster(tmp_path: Path, head_ip: str, node_ip: str, prefix: tuple = ()):
+    """(address, driver env, the second node) of a cluster that is stopped, every process of it, on exit.
+    The second node runs under `prefix` and has the resource `second`."""
     port = free_port(head_ip)
     address = f"{head_ip}:{port}"
     # the driver runs on the head's node; `ray start` turned token authentication on
@@ -83,8 +84,8 @@ def two_node_cluster(tmp_path: Path, head_ip: str, node_ip: str, netns: str = ""
     nodes = [RayNode(["--head", f"--node-ip-address={head_ip}", f"--port={port}", "--include-dashboard=false"],
                      tmp_path / "head.log", {**SLOTS, "head": 1})]
     try:
-        nodes.append(RayNode([f"--address={address}", f"--node-ip-address={node_ip}"], tmp_path / "node.log", SLOTS,
-                             netns))
+        nodes.append(RayNode([f"--address={address}", f"--node-ip-address={node_ip}"], tmp_path / "node.log",
+                             {**SLOTS, "second": 1}, prefix))
         deadline = time.monotonic() + START_S
         while alive_nodes(address, env) < 2:
             assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-2000:] + \
@@ -130,6 +131,29 @@ def assert_learned_on_both_nodes(tmp_path: Path, output: str, head_ip: str, node
     for role in ("generator", "judge"):
         assert {where[f"{role}-{i}"]["node"] for i in range(2)} == {head_ip, node_ip}, where
     assert endpoints_in(output) and endpoints_in(output) <= {head_ip, node_ip}, endpoints_in(output)
+
+
+@contextmanager
+def network_namespace(name: str, host_ip: str, inner_ip: str):
+    """A network namespace joined to this one by a veth pair: each side reaches the other only at
+    its own address. Deleting the namespace takes the pair with it."""
+    veth = name[-11:]  # interface names have at most 15 characters
+    commands = [f"ip netns add {name}", f"ip link add h-{veth} type veth peer name n-{veth}",
+                f"ip link set n-{veth} netns {name}", f"ip addr add {host_ip}/24 dev h-{veth}",
+                f"ip link set h-{veth} up", f"ip netns exec {name} ip addr add {inner_ip}/24 dev n-{veth}",
+                f"ip netns exec {name} ip link set n-{veth} up", f"ip netns exec {name} ip link set lo up"]
+    try:
+        for command in commands:
+            subprocess.run(command.split(), check=True, capture_output=True)
+        yield ("ip", "netns", "exec", name)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def can_make_namespaces() -> bool:
+    probe = subprocess.run(["ip", "netns", "add", "ringrl-probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "ringrl-probe"], capture_output=True)
+    return probe.returncode == 0
 
 
 @pytest.fixture
@@ -185,3 +209,27 @@ def test_a_node_lost_mid_run_is_survived(tmp_path, loopback_cluster):
     first_new = summary["actors"][replacement]["first_group_sent_at"] - killed_at
     print(f"node lost at step 5: first trajectory from the replacement {replacement} after {first_new:.1f} s")
     assert first_new > 0
+
+
+@pytest.mark.skipif(not can_make_namespaces(), reason="needs root to create network namespaces")
+def test_run_with_the_second_node_in_its_own_network_namespace(tmp_path):
+    """Across a veth pair a wrong address fails; the channels leave loopback, so CURVE is on."""
+    head_ip, node_ip = "10.231.7.1", "10.231.7.2"
+    with network_namespace(f"ringrl-{os.getpid()}", head_ip, node_ip) as prefix, \
+            two_node_cluster(tmp_path, head_ip, node_ip, prefix) as (address, env, _):
+        proc = run_on(address, env, tmp_path, *PINNED, "run.steps=40")
+        output = finished(proc, tmp_path)
+    assert proc.returncode == 0, output[-3000:]
+    assert_learned_on_both_nodes(tmp_path, output, head_ip, node_ip)
+    assert "trajectory channels on node: CURVE, keys made for this run" in output
+
+
+def test_learners_that_do_not_share_the_run_directory_stop_the_run(tmp_path):
+    """The second node sees its own empty folder where the run directory is (a private mount)."""
+    hidden = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+              'mount -t tmpfs ringrl-probe "$0" && exec "$@"', str(tmp_path))
+    with two_node_cluster(tmp_path, "127.0.0.2", "127.0.0.3", hidden) as (address, env, _):
+        proc = run_on(address, env, tmp_path, "+learner.resources.second=1")
+        output = finished(proc, tmp_path, timeout_s=300)
+    assert proc.returncode == 1, output[-3000:]
+    assert "learner-0 failed: on node 127.0.0.3 does not share the run directory" in output, output[-3000:]
