@@ -21,22 +21,29 @@ class Status:
                         disable=not (cfg.run.progress and on_terminal))
         self.lines = cfg.run.progress and not on_terminal
         self.every_s = cfg.run.log_every_s
-        self.last_line = time.monotonic()
+        self.last_line, self.logged, self.figures = time.monotonic(), initial, {}
 
     def update(self, n: int = 1, **figures) -> None:
         """`n` more done; `figures` (name: value) go to the bar's postfix or the status line."""
         self.done += n
+        self.figures = figures or self.figures
         self.bar.update(n)
         if figures:
             self.bar.set_postfix({name: _short(value) for name, value in figures.items()}, refresh=False)
         if self.lines and (time.monotonic() - self.last_line >= self.every_s or self.done >= self.total):
-            self.last_line = time.monotonic()
-            shown = " ".join(f"{name.replace('_', ' ')} {_short(value)}" for name, value in figures.items())
-            self.log.info("{} {}/{} ({:.0%}){}", self.desc, self.done, self.total, self.done / max(1, self.total),
-                          f": {shown}" if shown else "")
+            self._line()
 
     def close(self) -> None:
+        """The bar ends; in a log, the last figures get their line if the last interval had none."""
         self.bar.close()
+        if self.lines and self.logged != self.done:
+            self._line()
+
+    def _line(self) -> None:
+        self.last_line, self.logged = time.monotonic(), self.done
+        shown = " ".join(f"{name.replace('_', ' ')} {_short(value)}" for name, value in self.figures.items())
+        self.log.info("{} {}/{} ({:.0%}){}", self.desc, self.done, self.total, self.done / max(1, self.total),
+                      f": {shown}" if shown else "")
 
 
 def _short(value) -> str:

@@ -2,7 +2,7 @@
 tagged with the actor's name (`actor="generator-0"`), set as the run goes.
 
 Ray's metrics agent on each node serves them in Prometheus' text format at the node's metrics
-export port (the driver logs the address); the Ray dashboard's charts need Prometheus and
+export port (the driver logs the address), with Ray's prefix: `ray_ringrl_generator_tokens_per_s`; the Ray dashboard's charts need Prometheus and
 Grafana set up as Ray documents (`ray metrics launch-prometheus`). Counts by a reason (a judge's
 verdicts, the driver's dropped samples) are one gauge with a `reason` tag.
 """
