@@ -108,7 +108,8 @@ def test_synchronous_mode_has_zero_lag(tmp_path, mode, warmup):
     assert proc.returncode == 0, output[-3000:]
     summary, steps = read_run(tmp_path)
     lags = {int(lag) for r in steps for lag in r.get("lag_histogram", {})}
-    assert lags == {0}
+    # from the initial policy every reward may be 0: all groups uninformative, nothing trained
+    assert lags == {0} if warmup else lags <= {0}
     assert_every_sample_accounted_for(summary)
 
 
