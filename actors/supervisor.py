@@ -140,7 +140,7 @@ class Supervisor:
         if generators:
             self._abort_weight_group(f"{', '.join(generators)} {faults[-1].cause} at step {self.step}")
         suspects = self._lost_with(dead)
-        emptied = [n for n in dead if len([m for m in pools[n] if m not in dead]) == 0]
+        emptied = any(set(pools[n]) <= set(dead) for n in dead)  # a role with nobody left
         if self.policy == "stop" or (self.policy == "continue" and emptied):
             self.settle({uid: "actor_lost" for uid in suspects})
             raise ActorFailure(name, f"{faults[0].cause} at step {self.step} (run.on_actor_failure={self.policy})")

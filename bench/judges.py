@@ -71,9 +71,9 @@ def pump(sender: TrajectorySender, receiver: TrajectoryReceiver, batch: list) ->
 
 
 def measure(task_name: str, num_judges: int, groups: int, group_size: int, repeats: int) -> dict:
-    cfg = load_config([f"task={task_name}", f"judge.num={num_judges}"])
+    cfg = load_config([f"task={task_name}", f"judge.num={num_judges}", "comm.host=loopback"])
     task = build_task(cfg.task)
-    learner_side = TrajectoryReceiver(cfg.comm.host, cfg.comm.hwm)
+    learner_side = TrajectoryReceiver(hwm=cfg.comm.hwm)
     judges = [Judge.options(name=f"judge-{i}", num_cpus=cfg.judge.num_cpus).remote(cfg, i) for i in range(num_judges)]
     endpoints = ray.get([j.start.remote([learner_side.endpoint]) for j in judges])
     generator_side = TrajectorySender(endpoints, cfg.comm.hwm, cfg.comm.send_timeout_s)

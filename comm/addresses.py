@@ -42,6 +42,9 @@ def resolve_policy(host: str, node_ips: list[str]) -> str:
 
 def bind_address(host: str, node_ip: str) -> tuple[str, str]:
     """(where an actor on the node at `node_ip` binds, what its peers connect to) under a resolved `host`."""
+    if host == "auto":
+        raise ValueError("comm.host=auto is settled by the driver once Ray is up (conf.load.resolve_host); "
+                         "an actor started without it needs loopback, node or an address")
     if host == "loopback":
         return LOOPBACK, LOOPBACK
     if host == "node":

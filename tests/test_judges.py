@@ -36,9 +36,9 @@ class JudgeUnderTest:
     """One Judge actor between a generator-side sender and a learner-side receiver, both real ZeroMQ."""
 
     def __init__(self, overrides: list[str]):
-        self.cfg = load_config(overrides)
+        self.cfg = load_config(["comm.host=loopback", *overrides])  # no driver here to settle `auto`
         self.task = build_task(self.cfg.task)
-        self.learner_side = TrajectoryReceiver(self.cfg.comm.host, self.cfg.comm.hwm)
+        self.learner_side = TrajectoryReceiver(hwm=self.cfg.comm.hwm)
         self.actor = Judge.options(runtime_env={"env_vars": {"RINGRL_JUDGE_SECRET": SECRET}}).remote(self.cfg, 0)
         endpoint = ray.get(self.actor.start.remote([self.learner_side.endpoint]))
         self.generator_side = TrajectorySender([endpoint], self.cfg.comm.hwm, send_timeout_s=30)
