@@ -23,7 +23,7 @@ from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.status import Status
 from actors.telemetry import ActorMetrics
 from actors.supervisor import ABSORB_QUIET_S, Supervisor
-from actors.system import (ActorFailure, accuracy, alive_node_ips, async_on_generators, async_on_learners,
+from actors.system import (ActorFailure, accuracy, async_on_generators, async_on_learners,
                            async_stats, call, check_shared_storage, evaluate_in_slices, start_generators,
                            start_system, stop_system)
 from actors.tasks import build_task
@@ -85,12 +85,12 @@ def ray_session(cfg: Config, namespace: str, log):
     else:
         log.info("Ray dashboard: off")
     try:
-        resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))  # before any actor starts
-        resolve_host(cfg, alive_node_ips())
-        log.info("Ray metrics (Prometheus): {}", ", ".join(f"http://{node['NodeManagerAddress']}:"
-                                                            f"{node['MetricsExportPort']}/metrics"
-                                                            for node in ray.nodes() if node["Alive"]))
-        check_placeable(cfg, [node["Resources"] for node in ray.nodes() if node["Alive"]])
+        nodes = [node for node in ray.nodes() if node["Alive"]]  # before any actor starts:
+        resolve_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))
+        resolve_host(cfg, [node["NodeManagerAddress"] for node in nodes])
+        check_placeable(cfg, [node["Resources"] for node in nodes])
+        log.info("Ray metrics (Prometheus): {}", ", ".join(
+            f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics" for node in nodes))
         log.info("GPUs per actor: learner {:g}, generator {:g}", cfg.learner.num_gpus, cfg.generator.num_gpus)
         yield
     finally:
