@@ -62,6 +62,10 @@ class Generator:
                                        record_routing=cfg.algo.routing_replay)
         self.prompts: queue.Queue = queue.Queue()
         self.step_lock = threading.Lock()          # held by the decode thread for each step
+        # the hand-off between the driver's calls and the decode thread (prompts in, fates out): never
+        # held for a decode step, so `submit` and `take_fates` do not wait for one
+        self.handoff_lock = threading.Lock()
+        self.nudge = threading.Event()  # set by calls that give a waiting decode thread work (prompts, weights)
         self.staged: tuple[int, dict] | None = None
         self.applied = threading.Condition()
         self.stopping = threading.Event()
@@ -123,15 +127,16 @@ class Generator:
         share a decode batch does not depend on thread timing (sync runs are reproducible).
         """
         self._raise_if_failed()
-        with self.step_lock:
+        with self.handoff_lock:
             for prompt in prompts:
                 self.prompts.put(prompt)
-        if prompts:  # not idle from now: a round wait must not return before the decode thread saw them
-            self._set_idle(False)
+            if prompts:  # not idle from now: a round wait must not return before the decode thread saw them
+                self._set_idle(False)
+                self.nudge.set()
 
     def take_fates(self) -> dict[str, str]:
         """Fates decided here since the last call (purged prompts), for the driver's ledger."""
-        with self.step_lock:
+        with self.handoff_lock:
             fates, self.new_fates = self.new_fates, {}
         return fates
 
@@ -191,6 +196,7 @@ class Generator:
         received_s = time.perf_counter() - start
         with self.applied:
             self.staged = (version, tensors, resend)
+            self.nudge.set()
             if self.thread is None:  # not decoding yet (a new or restored generator): load them here
                 self._apply_staged()
             while self.staged is not None and self.failure is None:
@@ -267,6 +273,7 @@ class Generator:
     def stop(self) -> dict:
         """Stop decoding; what is still unfinished is reported with fate `unfinished`."""
         self.stopping.set()
+        self.nudge.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
         fates = self.take_fates()
@@ -291,14 +298,14 @@ class Generator:
                     continue
                 if not self.round_open:
                     with self.clock.phase("paused_for_round"):
-                        time.sleep(IDLE_WAIT_S)  # C3PO++: the round's budget is spent, wait for new weights
+                        self._wait_for_nudge()  # C3PO++: the round's budget is spent, wait for new weights
                     continue
-                with self._step_locked("decoding"):
+                with self._step_locked("decoding"), self.handoff_lock:
                     self._fill_slots_locked()
                     self._set_idle(not self.engine.num_active)
                 if self.idle:
                     with self.clock.phase("idle"):
-                        time.sleep(IDLE_WAIT_S)  # no prompt admitted
+                        self._wait_for_nudge()  # no prompt admitted
                     continue
                 self._decode_step(sender)
         except BaseException as err:  # reaches the driver through the next method call
@@ -309,6 +316,12 @@ class Generator:
                 self.applied.notify_all()
         finally:
             sender.close()
+
+    def _wait_for_nudge(self) -> None:
+        """Sleep until a call brings work (or IDLE_WAIT_S passes); the loop then looks again. Cleared
+        before the loop looks, so work that comes after the look sets it for the next wait."""
+        self.nudge.wait(IDLE_WAIT_S)
+        self.nudge.clear()
 
     def _decode_step(self, sender: TrajectorySender) -> None:
         with self._step_locked("decoding"):
@@ -378,7 +391,7 @@ class Generator:
         G = self.cfg.algo.group_size
         self.counters["generated_samples"] += G
         self.counters["dropped_purged"] += G
-        with self.step_lock:  # take_fates swaps the dict under this lock
+        with self.handoff_lock:  # take_fates swaps the dict under this lock
             self.new_fates[prompt_uid] = "purged"
 
     def _apply_staged(self) -> None:
