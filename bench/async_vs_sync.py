@@ -1,7 +1,7 @@
 """Synchronous RL against plain streaming async and async with C3PO++ rounds, over several seeds.
 
 One invocation: a shared warm-up checkpoint, then per seed a synchronous run, a plain
-asynchronous run (eta = 1) and one with C3PO++ rounds (eta = 1), all from that checkpoint with
+asynchronous run and one with C3PO++ rounds (both at eta = --eta), all from that checkpoint with
 the same actors and the same budget of RL seconds (evaluations pause the clock). Each run is
 evaluated on the held-out prompts on a fixed grid of RL seconds, and the asynchronous runs once
 more when they have trained as many samples as that seed's synchronous run.
@@ -14,7 +14,8 @@ seconds each mode's mean accuracy curve takes to reach the target accuracy (defa
 final accuracy of the sync runs), with async/sync ratios; and writes time_to_accuracy.png.
 
 Usage: python bench/async_vs_sync.py [--seeds 3] [--budget-s 60] [--eval-every-s 10]
-       [--round-tokens 8000] [--eval-prompts 1024] [--target ACC] [--out DIR] [overrides ...]
+       [--round-tokens 8000] [--eta 1] [--eval-prompts 1024] [--target ACC] [--modes sync,async,c3po]
+       [--report-only | --reuse] [--out DIR] [overrides ...]
 """
 import argparse
 import json
@@ -27,8 +28,10 @@ from statistics import mean
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
+# RL at lr 2.5e-4: at the default 5e-4 runs of either mode collapsed for tens of seconds now and
+# then, and async ones more often (bench/RESULTS.md, "Learning per sample")
 TASK = ["task.name=carry_add_longtail", "generator.max_new_tokens=64", "model.max_seq_len=80",
-        "ray.dashboard=false", "run.progress=false"]
+        "learner.lr=2.5e-4", "ray.dashboard=false", "run.progress=false"]
 MODES = ("sync", "async", "c3po")
 
 
@@ -46,11 +49,11 @@ def read_run(out_dir: Path, name: str) -> dict:
     return summary
 
 
-def mode_overrides(mode: str, round_tokens: int) -> list[str]:
+def mode_overrides(mode: str, round_tokens: int, eta: int) -> list[str]:
     if mode == "sync":
         return ["algo.mode=sync"]
     rounds = round_tokens if mode == "c3po" else 0
-    return ["algo.mode=async", "algo.max_staleness=1", f"algo.round_token_budget={rounds}",
+    return ["algo.mode=async", f"algo.max_staleness={eta}", f"algo.round_token_budget={rounds}",
             "run.on_actor_failure=stop"]
 
 
@@ -145,12 +148,15 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--eval-every-s", type=float, default=10.0)
     parser.add_argument("--round-tokens", type=int, default=8000, help="C3PO++ round budget (tokens)")
+    parser.add_argument("--eta", type=int, default=1, help="max_staleness of both asynchronous modes")
     parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--warmup-steps", type=int, default=800)
     parser.add_argument("--target", type=float, default=None,
                         help="default: the sync runs' mean final accuracy (their mean curve at the budget)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--report-only", action="store_true", help="report on the runs already in --out")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read the runs already finished in --out (their summary.json), run only the others")
     parser.add_argument("--out", default="runs/async_vs_sync", help="the runs and the plot; a warm-up there is reused")
     args, extra = parser.parse_known_args()
     out, modes = Path(args.out).absolute(), args.modes.split(",")
@@ -164,8 +170,9 @@ def main() -> None:
         milestone = 0  # the first mode's trained samples, where the others' accuracy is read
         for mode in modes:
             name = f"{mode}-{seed}"
-            summary = read_run(out, name) if args.report_only else run_ringrl(
-                out, name, f"run.seed={seed}", *mode_overrides(mode, args.round_tokens),
+            finished = args.report_only or (args.reuse and (out / name / "summary.json").is_file())
+            summary = read_run(out, name) if finished else run_ringrl(
+                out, name, f"run.seed={seed}", *mode_overrides(mode, args.round_tokens, args.eta),
                 f"run.eval_at_trained_samples={milestone}", *common)
             runs[mode].append(summary)
             milestone = milestone or summary["actors"]["learner-0"].get("trained_samples", 0)
