@@ -9,7 +9,9 @@ more when they have trained as many samples as that seed's synchronous run.
 Prints per mode the mean over seeds (and the range) of: completed samples/s, trained tokens/s,
 the generator's busy share, MFU, accuracy at the end and at sync's trained samples, maximum lag,
 IcePop's masked fraction and mean |log k| by lag; the overlap bound measured from each sync
-run's own phase times and the efficiency (async/sync completed samples over that bound); the RL
+run's own phase times and the efficiency (async/sync completed samples over that bound), and the
+same bound and efficiency with each role slowed as much as it was when both ran at once (on a
+machine whose cores they share; tokens per busy second of each role, async against sync); the RL
 seconds each mode's mean accuracy curve takes to reach the target accuracy (default: the mean
 final accuracy of the sync runs), with async/sync ratios; and writes time_to_accuracy.png.
 
@@ -71,7 +73,14 @@ def figures(summary: dict, milestone: int) -> dict:
             "accuracy at the end": summary["evaluations"]["after_rl"]["accuracy"],
             "accuracy at sync's trained samples": at_milestone[0] if at_milestone else None,
             **{f"MFU {key.removeprefix('mfu/')}": value for key, value in summary.get("mfu", {}).items()},
-            **lag_figures(steps)}
+            **role_speeds(summary), **lag_figures(steps)}
+
+
+def role_speeds(summary: dict) -> dict:
+    """How fast each role works while it works: tokens per second decoding, and per second training."""
+    generator, learner = summary["actors"]["generator-0"], summary["actors"]["learner-0"]
+    return {"generator tokens per busy second": generator["generated_tokens"] / generator["busy_s"],
+            "learner tokens per training second": learner.get("trained_tokens", 0) / learner["phases"]["training"]}
 
 
 def lag_figures(steps: list[dict]) -> dict:
@@ -87,15 +96,31 @@ def lag_figures(steps: list[dict]) -> dict:
     return out
 
 
-def overlap_bound(steps: list[dict]) -> float:
-    """The most overlap can gain over the synchronous loop whose step records these are.
+def step_halves(steps: list[dict]) -> tuple[float, float]:
+    """The mean seconds of a synchronous step's two halves: generating its batch (admission, then
+    collecting it: generation and the scoring wait), and training on it with the weight sync."""
+    return (mean(s["time/admit_s"] + s["time/collect_s"] for s in steps),
+            mean(s["time/train_s"] + s["time/weight_sync_s"] for s in steps))
 
-    A synchronous step generates its batch (admission, then collecting it: generation and the
-    scoring wait), then trains and syncs weights; overlapped, a step takes the slower of the two.
-    """
-    generation = mean(s["time/admit_s"] + s["time/collect_s"] for s in steps)
-    training = mean(s["time/train_s"] + s["time/weight_sync_s"] for s in steps)
+
+def overlap_bound(steps: list[dict]) -> float:
+    """The most overlap can gain over the synchronous loop whose step records these are:
+    overlapped, a step takes the slower of its two halves."""
+    generation, training = step_halves(steps)
     return (generation + training) / max(generation, training)
+
+
+def machine_bound(steps: list[dict], sync_speeds: dict, overlapped_speeds: dict) -> float:
+    """The overlap bound once each role works at the speed it had when both ran at once.
+
+    On a machine whose cores the roles share, a role is slower beside the other than alone (as
+    in a sync run): overlapped, a step takes the slower of the two halves, each slowed by its
+    own ratio of speeds.
+    """
+    generation, training = step_halves(steps)
+    slowdown = {key: sync_speeds[key] / overlapped_speeds[key] for key in sync_speeds}
+    return (generation + training) / max(generation * slowdown["generator tokens per busy second"],
+                                         training * slowdown["learner tokens per training second"])
 
 
 def accuracy_curve(summary: dict, grid_s: np.ndarray) -> np.ndarray:
@@ -202,6 +227,11 @@ def report(runs: dict[str, list[dict]], args, out: Path) -> None:
             efficiency = [ratio / bound for ratio, bound in zip(ratios, bounds)]
             print(f"{mode}: overlap bound from sync's phases {_spread(bounds)}; {mode}/sync completed samples "
                   f"{_spread(ratios)}; efficiency {_spread(efficiency)}")
+            if mode == "async":  # C3PO++'s speeds also carry its own costs (resumed rollouts' prefill)
+                on_machine = [machine_bound(s["steps_records"], role_speeds(s), role_speeds(a))
+                              for s, a in zip(runs["sync"], runs[mode])]
+                print(f"async: bound with each role at the speed it had in async {_spread(on_machine)}; "
+                      f"efficiency against it {_spread([r / b for r, b in zip(ratios, on_machine)])}")
     grid_s = np.arange(0.0, args.budget_s + args.eval_every_s / 2, args.eval_every_s)
     curves = {mode: [accuracy_curve(r, grid_s) for r in summaries] for mode, summaries in runs.items()}
     # the baseline's mean curve ends at its runs' mean final accuracy (at the budget, not a little after it)

@@ -3,7 +3,7 @@ accuracy curve on the grid of RL seconds, the time to a target accuracy, the mis
 import numpy as np
 import pytest
 
-from bench.async_vs_sync import accuracy_curve, lag_figures, overlap_bound, time_to
+from bench.async_vs_sync import accuracy_curve, lag_figures, machine_bound, overlap_bound, time_to
 
 
 def step(admit: float, collect: float, train: float, sync: float) -> dict:
@@ -50,3 +50,13 @@ def test_lag_figures_weigh_steps_by_their_tokens_at_each_lag():
     assert figures["lag 1 masked"] == pytest.approx((30 * 0.1 + 10 * 0.3) / 40)
     assert figures["lag 1 mean |log k|"] == pytest.approx((30 * 0.2 + 10 * 0.4) / 40)
     assert figures["lag 0 masked"] == 0.0
+
+
+def test_machine_bound_slows_each_half_by_its_role_speed():
+    sync = {"generator tokens per busy second": 100.0, "learner tokens per training second": 50.0}
+    # generation 3 s, training + sync 2 s; overlapped, the generator decodes at 3/4 of its speed alone
+    # (3 s -> 4 s) and the learner at 1/2 (2 s -> 4 s): a step takes 4 s against 5 s
+    overlapped = {"generator tokens per busy second": 75.0, "learner tokens per training second": 25.0}
+    assert machine_bound([step(0.5, 2.5, 1.5, 0.5)], sync, overlapped) == pytest.approx(5 / 4)
+    # at the speeds they had alone it is the overlap bound
+    assert machine_bound([step(0.5, 2.5, 1.5, 0.5)], sync, sync) == pytest.approx(overlap_bound([step(0.5, 2.5, 1.5, 0.5)]))
