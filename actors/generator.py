@@ -351,19 +351,28 @@ class Generator:
             self.step_lock.release()
 
     def _close_round(self) -> None:
-        """Pause every unfinished rollout; one cut more than sigma times purges its group."""
+        """Cut every unfinished rollout; one cut more than sigma times purges its group.
+
+        With `generator.kv_on_update=keep` the others stay in their slots with their KV and go on in
+        the next round, under whatever weights are loaded by then; with `recompute` they leave the
+        slots and resume later with their KV rebuilt under the newer weights (a prefill each).
+        """
+        keep = self.cfg.generator.kv_on_update == "keep"
         with self.step_lock:
-            paused = self.engine.pause_all()
-        for rollout in paused:
+            cut = self.engine.cut_all() if keep else self.engine.pause_all()
+        for rollout in cut:
             prompt_uid = _prompt_uid(rollout)
             if prompt_uid in self.purged:
                 continue
             if rollout.pauses > self.cfg.algo.max_pauses:
                 self._purge(prompt_uid)
-            else:
+            elif not keep:
                 self.paused.append(rollout)
+        if keep:
+            with self.step_lock:
+                self.engine.evict([r for r in cut if _prompt_uid(r) in self.purged])
         self.counters["rounds"] += 1
-        self.counters["paused_rollouts"] += len(paused)
+        self.counters["paused_rollouts"] += len(cut)
         with self.round_progress:
             self.rounds_closed += 1
             self.groups_sent_at_close.append(self.groups_sent)

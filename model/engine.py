@@ -112,13 +112,25 @@ class GenerationEngine:
 
     def pause_all(self) -> list[Rollout]:
         """Take every unfinished rollout out of its slot, keeping what it generated so far."""
-        paused = self._running + self._pending
-        self._free += [r.slot for r in paused]
-        self._running, self._pending = [], []
-        for r in paused:
-            r.slot = -1
-            r.pauses += bool(r.completion_tokens)
+        paused = self.cut_all()
+        self.evict(paused)
         return paused
+
+    def cut_all(self) -> list[Rollout]:
+        """Count a round's end on every unfinished rollout, which stays in its slot with its KV."""
+        cut = self.active
+        for r in cut:
+            r.pauses += bool(r.completion_tokens)
+        return cut
+
+    def evict(self, rollouts: list[Rollout]) -> None:
+        """Take these unfinished rollouts out of their slots (what they generated stays with them)."""
+        leaving = {id(r) for r in rollouts}
+        self._running = [r for r in self._running if id(r) not in leaving]
+        self._pending = [r for r in self._pending if id(r) not in leaving]
+        for r in rollouts:
+            self._free.append(r.slot)
+            r.slot = -1
 
     def recompute_cache(self) -> None:
         """Rebuild the running rollouts' KV under the current weights (at the next step)."""

@@ -73,3 +73,32 @@ def test_paused_then_resumed_rollout_continues_the_same_sequence():
         resumed = done[expected.uid]
         assert resumed.completion_tokens == expected.completion_tokens
         assert resumed.behavior_logprobs == pytest.approx(expected.behavior_logprobs, abs=1e-5)
+
+
+def test_cut_rollouts_keep_their_slots_and_kv_and_evicted_ones_free_theirs():
+    """C3PO++ with the KV kept: a round's end counts a cut and nothing is fed again; an evicted
+    rollout (its group purged) leaves its slot and decodes no more."""
+    model = tiny_model().eval()
+    reference = make_engine(model, temperature=0.0)
+    uninterrupted = {r.uid: r for r in generate(reference, PROMPTS)}
+    engine = make_engine(model, temperature=0.0)
+    for uid, prompt in PROMPTS:
+        engine.add(uid, prompt)
+    done = {}
+    for _ in range(3):
+        done.update({r.uid: r for r in engine.step()})
+    cut = engine.cut_all()
+    assert {r.uid for r in cut} == set(uninterrupted) - set(done) and all(r.pauses == 1 for r in cut)
+    assert engine.free_slots == 4 - len(cut)
+    purged, kept = cut[0], [r.uid for r in cut[1:]]
+    assert kept  # the test needs one of each
+    engine.evict([purged])
+    assert engine.free_slots == 4 - len(cut) + 1 and purged.slot == -1
+    while engine.num_active:
+        done.update({r.uid: r for r in engine.step()})
+    assert purged.uid not in done
+    assert len(purged.completion_tokens) < len(uninterrupted[purged.uid].completion_tokens)
+    for uid in kept:
+        assert done[uid].completion_tokens == uninterrupted[uid].completion_tokens
+        assert done[uid].behavior_logprobs == pytest.approx(uninterrupted[uid].behavior_logprobs, abs=1e-5)
+    assert engine.model_flops < reference.model_flops  # nothing fed again, and the evicted one stopped early
