@@ -232,6 +232,10 @@ def report(runs: dict[str, list[dict]], args, out: Path) -> None:
                               for s, a in zip(runs["sync"], runs[mode])]
                 print(f"async: bound with each role at the speed it had in async {_spread(on_machine)}; "
                       f"efficiency against it {_spread([r / b for r, b in zip(ratios, on_machine)])}")
+    if "c3po" in table and "async" in table:
+        ratios = [c["completed samples/s"] / a["completed samples/s"] for c, a in zip(table["c3po"], table["async"])]
+        print(f"c3po/async completed samples {_spread(ratios)}; c3po's maximum lag "
+              f"{_spread([row['max lag'] for row in table['c3po']])} (eta {args.eta} + sigma = algo.max_pauses)")
     grid_s = np.arange(0.0, args.budget_s + args.eval_every_s / 2, args.eval_every_s)
     curves = {mode: [accuracy_curve(r, grid_s) for r in summaries] for mode, summaries in runs.items()}
     # the baseline's mean curve ends at its runs' mean final accuracy (at the budget, not a little after it)
