@@ -19,6 +19,17 @@ def perturbed_state(model, scale=0.05):
             for name, t in model.state_dict().items()}
 
 
+def greedy_engine_after(model, steps: int) -> tuple[GenerationEngine, dict]:
+    """A greedy engine that has decoded PROMPTS for `steps` steps, and the rollouts finished by then."""
+    engine = make_engine(model, temperature=0.0)
+    for uid, prompt in PROMPTS:
+        engine.add(uid, prompt)
+    done = {}
+    for _ in range(steps):
+        done.update({r.uid: r for r in engine.step()})
+    return engine, done
+
+
 def full_forward_logprobs(model, rollout, start: int):
     """Log-probs of the completion tokens from index `start`, by one full forward."""
     full = torch.tensor([rollout.prompt_tokens + rollout.completion_tokens])
@@ -57,12 +68,7 @@ def test_in_flight_update_switches_versions_exactly_at_the_switch(refresh):
 def test_paused_then_resumed_rollout_continues_the_same_sequence():
     model = tiny_model().eval()
     uninterrupted = generate(make_engine(model, temperature=0.0), PROMPTS)
-    engine = make_engine(model, temperature=0.0)
-    for uid, prompt in PROMPTS:
-        engine.add(uid, prompt)
-    done = {}
-    for _ in range(3):
-        done.update({r.uid: r for r in engine.step()})
+    engine, done = greedy_engine_after(model, steps=3)
     paused = engine.pause_all()
     assert engine.free_slots == 4 and all(r.pauses == 1 for r in paused)
     for r in paused:
@@ -81,12 +87,7 @@ def test_cut_rollouts_keep_their_slots_and_kv_and_evicted_ones_free_theirs():
     model = tiny_model().eval()
     reference = make_engine(model, temperature=0.0)
     uninterrupted = {r.uid: r for r in generate(reference, PROMPTS)}
-    engine = make_engine(model, temperature=0.0)
-    for uid, prompt in PROMPTS:
-        engine.add(uid, prompt)
-    done = {}
-    for _ in range(3):
-        done.update({r.uid: r for r in engine.step()})
+    engine, done = greedy_engine_after(model, steps=3)
     cut = engine.cut_all()
     assert {r.uid for r in cut} == set(uninterrupted) - set(done) and all(r.pauses == 1 for r in cut)
     assert engine.free_slots == 4 - len(cut)
