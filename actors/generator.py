@@ -360,16 +360,15 @@ class Generator:
         keep = self.cfg.generator.kv_on_update == "keep"
         with self.step_lock:
             cut = self.engine.cut_all() if keep else self.engine.pause_all()
-        for rollout in cut:
-            prompt_uid = _prompt_uid(rollout)
-            if prompt_uid in self.purged:
-                continue
-            if rollout.pauses > self.cfg.algo.max_pauses:
-                self._purge(prompt_uid)
-            elif not keep:
-                self.paused.append(rollout)
-        if keep:
-            with self.step_lock:
+            for rollout in cut:
+                prompt_uid = _prompt_uid(rollout)
+                if prompt_uid in self.purged:
+                    continue
+                if rollout.pauses > self.cfg.algo.max_pauses:
+                    self._purge(prompt_uid)
+                elif not keep:
+                    self.paused.append(rollout)
+            if keep:
                 self.engine.evict([r for r in cut if _prompt_uid(r) in self.purged])
         self.counters["rounds"] += 1
         self.counters["paused_rollouts"] += len(cut)
@@ -393,7 +392,8 @@ class Generator:
                 self.round_progress.notify_all()
 
     def _purge(self, prompt_uid: str) -> None:
-        """Drop the whole group: its finished members are discarded, the rest when they surface."""
+        """Drop the whole group: its finished members now; the caller evicts its unfinished ones (or
+        does not resume them), and `_collect` discards any that finish after all."""
         self.purged.add(prompt_uid)
         self.groups.pop(prompt_uid, None)
         self.meta.pop(prompt_uid)

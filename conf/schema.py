@@ -89,7 +89,7 @@ class GeneratorConfig:
                                "efficient on one thread (bench/mfu.py, model=small, 2-core machine: decode MFU at "
                                "256 sequences 0.54 on 1 thread, 0.50 on 2), and the learner needs the other core")
     kv_on_update: str = _f("keep", "on an in-flight weight update or a C3PO++ round's end: keep the KV cache "
-                                          "(cut rollouts stay in their slots), or recompute it")
+                                   "(cut rollouts stay in their slots), or recompute it")
 
 
 @dataclass

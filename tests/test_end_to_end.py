@@ -123,9 +123,10 @@ def test_off_loopback_channels_are_curve_authenticated(tmp_path):
     assert_every_sample_accounted_for(summary)
 
 
-def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path):
+@pytest.mark.parametrize("kv", ["keep", "recompute"])  # cut in place, or evicted and prefilled again
+def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path, kv):
     proc = run_ringrl(tmp_path, "algo.round_token_budget=600", "algo.max_pauses=0", "run.on_actor_failure=stop",
-                      "learner.warmup_steps=20", "run.steps=6")
+                      "learner.warmup_steps=20", "run.steps=6", f"generator.kv_on_update={kv}")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
     summary, steps = read_run(tmp_path)
