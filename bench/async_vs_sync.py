@@ -13,7 +13,8 @@ run's own phase times and the efficiency (async/sync completed samples over that
 same bound and efficiency with each role slowed as much as it was when both ran at once (on a
 machine whose cores they share; tokens per busy second of each role, async against sync); the RL
 seconds each mode's mean accuracy curve takes to reach the target accuracy (default: the mean
-final accuracy of the sync runs), with async/sync ratios; and writes time_to_accuracy.png.
+final accuracy of the sync runs), with async/sync ratios, and the same at accuracies on the way up
+to the target; and writes time_to_accuracy.png.
 
 Usage: python bench/async_vs_sync.py [--seeds 3] [--budget-s 60] [--eval-every-s 10]
        [--round-tokens 8000] [--eta 1] [--eval-prompts 1024] [--target ACC] [--modes sync,async,c3po]
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 TASK = ["task.name=carry_add_longtail", "generator.max_new_tokens=64", "model.max_seq_len=80",
         "learner.lr=2.5e-4", "ray.dashboard=false", "run.progress=false"]
 MODES = ("sync", "async", "c3po")
+LADDER_RUNGS = 6  # accuracies at which time to accuracy is also printed
 
 
 def run_ringrl(out_dir: Path, name: str, *overrides: str) -> dict:
@@ -245,8 +247,32 @@ def report(runs: dict[str, list[dict]], args, out: Path) -> None:
           + ", ".join(f"{mode} {_cell(t)}" for mode, t in reached.items())
           + "".join(f"; {mode}/{baseline} {reached[mode] / reached[baseline]:.2f}" for mode in reached
                     if mode != baseline and reached[mode] is not None and reached[baseline]))
+    print_ladder(grid_s, curves, baseline, target)
     plot(out / "time_to_accuracy.png", grid_s, curves, target, reached)
     print(f"plot: {out / 'time_to_accuracy.png'}")
+
+
+def print_ladder(grid_s: np.ndarray, curves: dict[str, list[np.ndarray]], baseline: str, target: float) -> None:
+    means = {mode: np.stack(c).mean(0) for mode, c in curves.items()}
+    others = [mode for mode in means if mode != baseline]
+    print(f"{'accuracy':>10}" + "".join(f"{mode + ' s':>10}" for mode in means)
+          + "".join(f"{mode + '/' + baseline:>14}" for mode in others))
+    for level, seconds in ladder(grid_s, means, baseline, target):
+        print(f"{level:>10.1%}" + "".join(f"{_cell(t):>10}" for t in seconds.values())
+              + "".join(f"{_cell_ratio(seconds[mode], seconds[baseline]):>14}" for mode in others))
+
+
+def ladder(grid_s: np.ndarray, means: dict[str, np.ndarray], baseline: str, target: float) -> list[tuple]:
+    """(accuracy, {mode: seconds its mean curve takes to reach it}) at LADDER_RUNGS accuracies from
+    halfway between the baseline's start and the target up to the target.
+
+    The default target sits where the curves flatten, so where a mean curve first crosses it moves
+    by seconds with a point of evaluation noise; on the steep part below it the ratios are steadier.
+    """
+    start = means[baseline][0]
+    levels = np.linspace(start + (target - start) / 2, target, LADDER_RUNGS)
+    return [(float(level), {mode: time_to(grid_s, curve, level) for mode, curve in means.items()})
+            for level in levels]
 
 
 def _spread(values: list) -> str:
@@ -263,6 +289,10 @@ def _ratio(values: list, baseline: list) -> str:
 
 def _cell(value: float | None) -> str:
     return "not reached" if value is None else f"{value:.1f}"
+
+
+def _cell_ratio(value: float | None, baseline: float | None) -> str:
+    return f"{value / baseline:.2f}" if value is not None and baseline else "-"
 
 
 if __name__ == "__main__":

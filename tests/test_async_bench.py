@@ -3,7 +3,7 @@ accuracy curve on the grid of RL seconds, the time to a target accuracy, the mis
 import numpy as np
 import pytest
 
-from bench.async_vs_sync import accuracy_curve, lag_figures, machine_bound, overlap_bound, time_to
+from bench.async_vs_sync import accuracy_curve, ladder, lag_figures, machine_bound, overlap_bound, time_to
 
 
 def step(admit: float, collect: float, train: float, sync: float) -> dict:
@@ -37,6 +37,16 @@ def test_time_to_target_between_grid_points():
     assert time_to(grid_s, np.array([0.7, 0.4, 0.8]), 0.6) == 0.0
     assert time_to(grid_s, np.array([0.2, 0.6, 0.5]), 0.6) == pytest.approx(10.0)
     assert time_to(grid_s, np.array([0.2, 0.4, 0.5]), 0.6) is None
+
+
+def test_ladder_times_each_mode_to_accuracies_from_halfway_up_to_the_target():
+    grid_s = np.array([0.0, 10.0, 20.0, 30.0])
+    means = {"sync": np.array([0.2, 0.4, 0.6, 0.8]), "async": np.array([0.2, 0.6, 0.7, 0.8])}
+    rungs = ladder(grid_s, means, "sync", target=0.8)
+    assert [level for level, _ in rungs] == pytest.approx(np.linspace(0.5, 0.8, len(rungs)))
+    first, last = rungs[0][1], rungs[-1][1]
+    assert (first["sync"], first["async"]) == pytest.approx((15.0, 7.5))  # 0.5: halfway from 0.2 to 0.8
+    assert (last["sync"], last["async"]) == pytest.approx((30.0, 30.0))
 
 
 def test_lag_figures_weigh_steps_by_their_tokens_at_each_lag():
