@@ -296,10 +296,16 @@ def held_out_accuracy(cfg: Config, sup: Supervisor, prompts: list[dict], log) ->
 
 
 def round_batch_end(cfg: Config, sup: Supervisor, step: int) -> int | None:
-    """C3PO++: wait for round `step` to close; the batch ends with the groups sent by then."""
+    """C3PO++: the learners receive until round `step` closes; the batch ends with the groups sent by then."""
     if not (cfg.algo.round_token_budget and cfg.algo.mode == "async"):
         return None
-    closed = sup.call(async_on_generators(sup.system, "wait_rounds_closed", step + 1, cfg.learner.recv_timeout_s))
+    closes = async_on_generators(sup.system, "wait_rounds_closed", step + 1, cfg.learner.recv_timeout_s)
+    while True:
+        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, None, list(closes.values())))
+        sup.settle_reported(results)
+        if all(r["round_closed"] for r in results.values()):
+            break
+    closed = sup.call(closes)  # a generator that failed meanwhile is named (and dealt with) here
     return sum(sent for sent in closed.values() if sent is not None)
 
 

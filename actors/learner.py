@@ -48,6 +48,9 @@ from model.flops import matmul_peak_flops, training_flops
 from model.moe import MoECausalLM
 
 DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is left on the way
+# how often a rank waiting for a C3PO++ round looks whether it closed: late by at most this, and
+# each look (a ray.wait) costs tens of microseconds of a core the generators are decoding on
+ROUND_POLL_S = 0.005
 
 
 @ray.remote
@@ -179,20 +182,37 @@ class Learner:
             raise
 
     @timed("waiting")
-    def collect(self, wait_s: float, until_groups: int | None = None) -> dict:
+    def collect(self, wait_s: float, until_groups: int | None = None, round_closes: list | None = None) -> dict:
         """Receive into the buffer for up to `wait_s`, returning early once the batch is ready.
 
         The batch is this rank's share of prompts_per_step groups, or with C3PO++ rounds
-        every group up to the `until_groups`-th received since the start.
-        Returns {"ready", "buffered": prompt uids now buffered, "fates": taken since last time}.
+        every group up to the `until_groups`-th received since the start. Before the round that
+        ends the batch has closed, the driver passes `round_closes` instead: its calls to the
+        generators that return as each closes the round (which tell where the batch ends). The
+        rank then receives until they have all returned, so the wait for the round is this
+        rank's wait for its batch, and the groups that arrive meanwhile are decoded meanwhile.
+        Returns {"ready", "round_closed" (with `round_closes`), "buffered": prompt uids now
+        buffered, "fates": taken since last time}.
         """
         deadline = time.monotonic() + wait_s
-        while not self._batch_ready(until_groups) and (remaining := deadline - time.monotonic()) > 0:
-            group = self.receiver.recv_group(timeout_s=remaining)
-            if group is not None:
-                self._buffer(group)
+        if round_closes is not None:
+            closed = self._receive_until(deadline, lambda: _all_returned(round_closes), ROUND_POLL_S)
+            return {"ready": False, "round_closed": closed, "buffered": self.buffered_uids(), "fates": self.take_fates()}
+        self._receive_until(deadline, lambda: self._batch_ready(until_groups), poll_s=wait_s)
         return {"ready": self._batch_ready(until_groups), "buffered": self.buffered_uids(),
                 "fates": self.take_fates()}
+
+    def _receive_until(self, deadline: float, done, poll_s: float) -> bool:
+        """Buffer groups until `done()` (looked at after each group, and at least every `poll_s`)
+        or the deadline; whether `done()` came true."""
+        while not done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            group = self.receiver.recv_group(timeout_s=min(remaining, poll_s))
+            if group is not None:
+                self._buffer(group)
+        return True
 
     @timed("waiting")
     def absorb(self, quiet_s: float) -> dict:
@@ -340,3 +360,8 @@ class Learner:
             self._drain()
             self.receiver.close()
         return {**self.stats(), "fates": self.take_fates()}
+
+
+def _all_returned(refs: list) -> bool:
+    """Whether every call behind `refs` has returned (or failed: the driver reads which)."""
+    return len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) == len(refs)

@@ -17,7 +17,7 @@ final accuracy of the sync runs), with async/sync ratios, and the same at accura
 to the target; and writes time_to_accuracy.png.
 
 Usage: python bench/async_vs_sync.py [--seeds 3] [--budget-s 60] [--eval-every-s 10]
-       [--round-tokens 8000] [--eta 1] [--eval-prompts 1024] [--target ACC] [--modes sync,async,c3po]
+       [--round-tokens 6000] [--eta 1] [--eval-prompts 1024] [--target ACC] [--modes sync,async,c3po]
        [--report-only | --reuse] [--out DIR] [overrides ...]
 """
 import argparse
@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=60.0)
     parser.add_argument("--eval-every-s", type=float, default=10.0)
-    parser.add_argument("--round-tokens", type=int, default=8000, help="C3PO++ round budget (tokens)")
+    parser.add_argument("--round-tokens", type=int, default=6000,
+                        help="C3PO++ round budget (tokens): at most a batch's (B = 256 samples of about 28 tokens), "
+                             "or admission control leaves the generator short of prompts while the learner trains")
     parser.add_argument("--eta", type=int, default=1, help="max_staleness of both asynchronous modes")
     parser.add_argument("--eval-prompts", type=int, default=1024)
     parser.add_argument("--warmup-steps", type=int, default=800)

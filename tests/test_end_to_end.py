@@ -134,6 +134,12 @@ def test_c3po_rounds_purge_and_account_for_every_sample(tmp_path, kv):
     assert generator["rounds"] >= 6 and generator["paused_rollouts"] > 0
     assert summary["samples"]["dropped"]["purged"] == generator["dropped_purged"] > 0
     assert_every_sample_accounted_for(summary)
+    # the learner waits for each round to close inside its own call (its `waiting`, not `between_calls`):
+    # between the first step's stats and the last one's, it waited for most of the driver's waits for
+    # those steps' rounds (not all: the calls' round trips; before, it waited for none of them)
+    waited = steps[-1]["phases/learner/waiting"] - steps[0]["phases/learner/waiting"]
+    round_s = sum(s["time/round_s"] for s in steps[1:])
+    assert waited >= 0.5 * round_s > 0, (waited, round_s)
 
 
 def _free_port() -> int:
