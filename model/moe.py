@@ -78,7 +78,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
-        self.max_len = max_len
+        self.slots, self.max_len = slots, max_len
 
 
 # the live keys read from a KV cache are rounded up to this many: with a key count off this
@@ -97,6 +97,10 @@ class Layout:
     rows (causal masking keeps padding, which sits after every real token, out of them).
     With a KV cache, row b continues slot slots_B[b] from position cache.lengths[slot], and
     attention reads only the `live_len` first positions of the cache (rounded up to KEY_BLOCK).
+    A decode step (T = 1) over at least half of the cache's slots attends in place: every slot
+    is a row of attention, which reads the cache where it lies instead of copying the B rows'
+    keys and values out of it (per layer a copy as large as the live cache, the decode step's
+    main memory traffic); the idle slots' rows are computed and dropped.
     """
 
     def __init__(self, B: int, T: int, device, lengths_B=None, cache: KVCache | None = None, slots_B=None):
@@ -108,11 +112,15 @@ class Layout:
         self.positions_N = self.tokens(self.positions_BT)
         self.slots_B = slots_B
         self.slots_N = None if cache is None else self.tokens(slots_B[:, None].expand(B, T))
+        self.in_place = cache is not None and T == 1 and 2 * B >= cache.slots
         if cache is not None:
             live_len = int(self.positions_BT.max()) + 1
             self.live_len = min(cache.max_len, -(-live_len // KEY_BLOCK) * KEY_BLOCK)
             key_positions_L = torch.arange(self.live_len, device=device)
-            self.key_mask_B1TL = (key_positions_L <= self.positions_BT[:, :, None])[:, None]
+            # the query positions of attention's rows: in place, each slot's next one (for the rows
+            # of slots_B their token's position; for idle slots any, their row is dropped)
+            query_positions_RT = cache.lengths[:, None] if self.in_place else self.positions_BT
+            self.key_mask_R1TL = (key_positions_L <= query_positions_RT[:, :, None])[:, None]
         self._rotation = None
 
     def tokens(self, x_BT_):
@@ -125,6 +133,21 @@ class Layout:
         if self.index_N is not None:
             x_N_ = x_N_.new_zeros(self.B * self.T, *x_N_.shape[1:]).index_copy(0, self.index_N, x_N_)
         return x_N_.view(self.B, self.T, *x_N_.shape[1:])
+
+    def cached(self, layer_cache_SLGD):
+        """The keys (or values) of attention's rows out of one layer's cache, [R, live_len, G, Dh]."""
+        live = layer_cache_SLGD[:, : self.live_len]
+        return live if self.in_place else live.index_select(0, self.slots_B)
+
+    def query_rows(self, x_BTHD):
+        """[B, T, ...] -> attention's rows: in place one per slot (zeros for the idle ones)."""
+        if not self.in_place:
+            return x_BTHD
+        return x_BTHD.new_zeros(self.key_mask_R1TL.shape[0], *x_BTHD.shape[1:]).index_copy(0, self.slots_B, x_BTHD)
+
+    def batch_rows(self, x_RTHD):
+        """Attention's rows -> [B, T, ...]."""
+        return x_RTHD.index_select(0, self.slots_B) if self.in_place else x_RTHD
 
     def rotation(self, rotary: PartialRotary, dtype):
         """The tokens' RoPE cos/sin: made by the first layer, reused by the others (all alike)."""
@@ -157,17 +180,16 @@ class Attention(nn.Module):
                 out_BTHDh = self._attend(layout.rows(q), layout.rows(k), layout.rows(v), mask=None)
             else:
                 keys, values = self._write_cache(cache, k, v, layout)
-                out_BTHDh = self._attend(layout.rows(q), keys, values, mask=layout.key_mask_B1TL)
+                out_RTHDh = self._attend(layout.query_rows(layout.rows(q)), keys, values, mask=layout.key_mask_R1TL)
+                out_BTHDh = layout.batch_rows(out_RTHDh)
             return self.o_proj(layout.tokens(out_BTHDh).reshape(N, -1))
 
     def _write_cache(self, cache: KVCache, k_NGDh, v_NGDh, layout: Layout):
-        """Write the new keys/values; return the live part of the rows' slots, [B, live_len, G, Dh]."""
+        """Write the new keys/values; return the live part of attention's rows, [R, live_len, G, Dh]."""
         layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
         layer_keys.index_put_((layout.slots_N, layout.positions_N), k_NGDh.detach())
         layer_values.index_put_((layout.slots_N, layout.positions_N), v_NGDh.detach())
-        live = slice(0, layout.live_len)
-        return (layer_keys[:, live].index_select(0, layout.slots_B),
-                layer_values[:, live].index_select(0, layout.slots_B))
+        return layout.cached(layer_keys), layout.cached(layer_values)
 
     def _attend(self, q_BTHDh, k_BLGDh, v_BLGDh, mask):
         """Grouped-query attention; keys/values are shared by heads without copying them per head."""

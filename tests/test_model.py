@@ -1,4 +1,5 @@
 """Equivalence tests of the MoE model: batched experts, KV-cache decoding, expert bias."""
+import pytest
 import torch
 
 from conf.schema import ModelConfig
@@ -34,12 +35,15 @@ def test_group_limited_routing_stays_in_top_groups():
     assert (groups[:, 0] == groups[:, 1]).all()
 
 
-def test_kv_cache_decode_matches_full_forward():
+# 3 prompts over 2 slots (a slot is reused; every decode step attends in place, over all slots),
+# or over 8 (decode steps over 3 or fewer of them copy their keys out of the cache)
+@pytest.mark.parametrize("max_slots", [2, 8])
+def test_kv_cache_decode_matches_full_forward(max_slots):
     model = tiny_model().eval()
     prompts = [("a", [1, 5, 6, 7]), ("b", [1, 9, 4]), ("c", [1, 3, 3, 3, 3, 8])]
-    engine = GenerationEngine(model, max_slots=2, max_len=48, eos_id=2, pad_id=0,
+    engine = GenerationEngine(model, max_slots=max_slots, max_len=48, eos_id=2, pad_id=0,
                               max_new_tokens=12, temperature=1.0, seed=3)
-    rollouts = generate(engine, prompts)  # 3 prompts over 2 slots: a slot is reused
+    rollouts = generate(engine, prompts)
     for r in rollouts:
         full = r.prompt_tokens + r.completion_tokens
         with torch.no_grad():
