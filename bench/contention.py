@@ -33,8 +33,9 @@ ROLES = ("decode", "train")
 DECODE_CONTEXT = 40  # keys per sequence around which the timed decode steps run (long-tail mean: ~36)
 
 
-def work(role: str, args, start: mp.Barrier, results: mp.Queue) -> None:
-    """Build the role's work, wait at `start`, then count its steps for `args.seconds`."""
+def work(role: str, args, start, results) -> None:
+    """Build the role's work, wait at the `start` barrier, then count its steps for `args.seconds` and
+    put (role, steps per second) on the `results` queue."""
     torch.set_num_threads(1)
     cfg = load_config(TASK)
     task = build_task(cfg.task)
