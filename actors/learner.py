@@ -10,15 +10,21 @@ from there.
 
 Groups are received into a buffer by `collect`, which the driver calls in short slices
 until the next batch is there (so it can replace a dead generator meanwhile), and
-trained on by `train_step`. A group of a prompt this learner has already consumed (a
-re-issued copy, see actors/ledger.py) is dropped as `duplicate`: nothing is trained
-twice. The buffer and the consumed prompts are part of the checkpoint.
+trained on by `train_step`. While it waits, a lone learner computes the gradient of the
+batch's groups that have arrived, `learner.stream_groups` at a time, so that once the
+last group is in only its micro-batch and the optimizer step are left (see
+`learner/trainer.py`): the new weights go out sooner, and the generators, which may not
+run more than max_staleness versions ahead, wait less for them. A group of a prompt this
+learner has already consumed (a re-issued copy, see actors/ledger.py) is dropped as
+`duplicate`: nothing is trained twice. The buffer and the consumed prompts are part of
+the checkpoint.
 """
 import os
 import random
 import secrets
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
@@ -40,9 +46,9 @@ from comm.wire import decode_group, encode_group
 from conf.schema import Config
 from learner.checkpoint import write_durably
 from learner.batch import collate, collate_demonstrations, select_informative
-from learner.metrics import merge_rank_stats
+from learner.metrics import merge_loss_stats, merge_rank_stats
 from learner.sharding import (all_reduce_sum, full_tensor, gather_stats, init_learner_group, loss_scale,
-                              shard_model)
+                              shard_model, world_size)
 from learner.trainer import Trainer
 from model.flops import matmul_peak_flops, training_flops
 from model.moe import MoECausalLM
@@ -51,6 +57,15 @@ DRAIN_QUIET_S = 1.0  # end of run: a second without arrivals means nothing is le
 # how often a rank waiting for a C3PO++ round looks whether it closed: late by at most this, and
 # each look (a ray.wait) costs tens of microseconds of a core the generators are decoding on
 ROUND_POLL_S = 0.005
+
+
+@dataclass
+class Accumulated:
+    """The part of the next batch whose gradient the learner has already computed."""
+    uids: set[str] = field(default_factory=set)  # its groups' prompt uids (informative or not)
+    count: float = 0.0                           # their aggregation count: what the step divides by
+    parts: list[dict] = field(default_factory=list)  # each micro-batch's loss statistics
+    seconds: float = 0.0                         # spent computing them
 
 
 @ray.remote
@@ -77,6 +92,7 @@ class Learner:
         self.buffer: list[tuple[int, list]] = []  # (arrival ordinal, group) received, not yet trained
         self.received = 0                         # groups received since the start (C3PO++ rounds)
         self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
+        self.accumulated = Accumulated()          # of the batch at the buffer's head
         self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
         self.clock = PhaseClock(rest="between_calls")  # waiting for a batch, training, publishing
         self.metrics = ActorMetrics("learner", f"learner-{rank}")
@@ -181,7 +197,6 @@ class Learner:
             gather_the_rest()
             raise
 
-    @timed("waiting")
     def collect(self, wait_s: float, until_groups: int | None = None, round_closes: list | None = None) -> dict:
         """Receive into the buffer for up to `wait_s`, returning early once the batch is ready.
 
@@ -192,15 +207,37 @@ class Learner:
         rank then receives until they have all returned, so the wait for the round is this
         rank's wait for its batch, and the groups that arrive meanwhile are decoded meanwhile.
         Returns {"ready", "round_closed" (with `round_closes`), "buffered": prompt uids now
-        buffered, "fates": taken since last time}.
+        buffered, "fates": taken since last time}. Micro-batches computed meanwhile count as
+        `training`, the rest as `waiting`.
         """
         deadline = time.monotonic() + wait_s
         if round_closes is not None:
-            closed = self._receive_until(deadline, lambda: _all_returned(round_closes), ROUND_POLL_S)
+            with self.clock.phase("waiting"):
+                closed = self._receive_until(deadline, lambda: _all_returned(round_closes), ROUND_POLL_S)
             return {"ready": False, "round_closed": closed, "buffered": self.buffered_uids(), "fates": self.take_fates()}
-        self._receive_until(deadline, lambda: self._batch_ready(until_groups), poll_s=wait_s)
+        while True:
+            with self.clock.phase("waiting"):
+                self._receive_until(deadline, lambda: self._batch_ready(until_groups) or self._micro_batch(until_groups),
+                                    poll_s=wait_s)
+            micro_batch = self._micro_batch(until_groups)
+            if not micro_batch:
+                break
+            with self.clock.phase("training"):
+                self._accumulate(micro_batch)
         return {"ready": self._batch_ready(until_groups), "buffered": self.buffered_uids(),
                 "fates": self.take_fates()}
+
+    def _micro_batch(self, until_groups: int | None) -> list:
+        """The next `learner.stream_groups` groups of the batch being collected, once all are in
+        (fewer at the batch's end); none when streaming is off. A C3PO++ batch ends where its
+        round closes, known only then, and sharded ranks must make FSDP's collectives together,
+        so both take their batch at once."""
+        size = self.cfg.learner.stream_groups
+        if not size or until_groups is not None or world_size() > 1:
+            return []
+        batch = [group for _, group in self.buffer[:self.cfg.algo.prompts_per_step]]
+        pending = [group for group in batch if group[0].prompt_uid not in self.accumulated.uids]
+        return pending[:size] if len(pending) >= size or len(batch) == self.cfg.algo.prompts_per_step else []
 
     def _receive_until(self, deadline: float, done, poll_s: float) -> bool:
         """Buffer groups until `done()` (looked at after each group, and at least every `poll_s`)
@@ -243,7 +280,8 @@ class Learner:
         return self.received >= until_groups
 
     def _take_batch(self, until_groups: int | None) -> list:
-        """The batch's groups, out of the buffer, in prompt-uid order (reproducible sums)."""
+        """The batch's groups, out of the buffer, in prompt-uid order (reproducible sums when
+        not streamed)."""
         if until_groups is None:
             count = self.cfg.algo.prompts_per_step // self.cfg.learner.num
         else:
@@ -262,7 +300,7 @@ class Learner:
         if not groups:
             return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "informative_groups": 0,
                     "version": self.trainer.version, "fates": {}}
-        informative, dropped = select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
+        informative, dropped = self._informative(groups)
         trained = {id(group) for group in informative}
         fates = {g[0].prompt_uid: "trained" if id(g) in trained else "uninformative" for g in groups}
         consumed = sum(len(g) for g in groups)
@@ -290,16 +328,23 @@ class Learner:
 
     def _update(self, informative: list, groups: list) -> dict:
         """One optimizer step over all ranks; skipped by all when no rank has a signal."""
+        done = self.accumulated.uids
+        rest = [group for group in informative if group[0].prompt_uid not in done]
+        start = time.perf_counter()
         # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
-        batch = collate(informative or groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std).to(self.device)
-        local_count = self.trainer.aggregation_count(batch) if informative else 0
+        joins_only = not informative and world_size() > 1
+        batch = self._collate(rest or groups) if rest or joins_only else None
+        local_count = self.accumulated.count + (self.trainer.aggregation_count(batch) if rest else 0)
         (global_count,) = all_reduce_sum([local_count])
         if global_count == 0:
+            self._forget_accumulated()
             return {}
-        scale = loss_scale(self.trainer.params.aggregation, local_count, global_count)
-        start = time.perf_counter()
-        stats = self.trainer.rl_step(batch, loss_scale=scale if informative else 0.0)
-        stats["train_s"] = time.perf_counter() - start
+        if batch is not None:
+            self.accumulated.parts.append(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0))
+        stats = {**merge_loss_stats(self.accumulated.parts), "micro_batches": len(self.accumulated.parts)}
+        stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, global_count))
+        stats["train_s"] = self.accumulated.seconds + time.perf_counter() - start
+        self._forget_accumulated()
         if not informative:
             stats["trained_tokens"] = 0
             return stats
@@ -311,6 +356,28 @@ class Learner:
         self.counters["trained_tokens"] += stats["trained_tokens"]
         return stats
 
+    def _accumulate(self, groups: list) -> None:
+        """Add the gradient of `groups` (their informative ones) to the step being built."""
+        start = time.perf_counter()
+        self.accumulated.uids.update(group[0].prompt_uid for group in groups)
+        informative, _ = self._informative(groups)
+        if informative:
+            batch = self._collate(sorted(informative, key=lambda group: group[0].prompt_uid))
+            self.accumulated.parts.append(self.trainer.accumulate(batch))
+            self.accumulated.count += self.trainer.aggregation_count(batch)
+        self.accumulated.seconds += time.perf_counter() - start
+
+    def _forget_accumulated(self) -> None:
+        self.trainer.discard_gradients()
+        self.accumulated = Accumulated()
+
+    def _informative(self, groups: list) -> tuple[list, int]:
+        """(groups to train on, groups dropped for carrying no signal)."""
+        return select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
+
+    def _collate(self, groups: list):
+        return collate(groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std).to(self.device)
+
     def _drain(self) -> None:
         """At the end of a run: what is buffered or still arriving (until quiet) is dropped as `run_end`."""
         self.absorb(DRAIN_QUIET_S)
@@ -318,6 +385,7 @@ class Learner:
             self.counters["dropped_run_end"] += len(group)
             self.fates[group[0].prompt_uid] = "run_end"
         self.buffer = []
+        self._forget_accumulated()
 
     def stats(self) -> dict:
         drops = {f"dropped_{k}": v for k, v in self.receiver.dropped.items()} if self.receiver else {}
@@ -341,6 +409,7 @@ class Learner:
         also this rank's buffer, consumed prompts and counters."""
         path = Path(directory)
         self.trainer.load(path / "model")
+        self.accumulated = Accumulated()  # the loaded step starts from no gradient
         if policy_only:
             return self.trainer.version
         state = msgpack.unpackb((path / f"learner-{self.rank}.msgpack").read_bytes())

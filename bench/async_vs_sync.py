@@ -17,7 +17,8 @@ final accuracy of the sync runs), with async/sync ratios, and the same at accura
 to the target; and writes time_to_accuracy.png.
 
 Usage: python bench/async_vs_sync.py [--seeds 3] [--budget-s 60] [--eval-every-s 10]
-       [--round-tokens 6000] [--eta 1] [--eval-prompts 1024] [--target ACC] [--modes sync,async,c3po]
+       [--round-tokens 6000] [--eta 1] [--eval-prompts 1024] [--target ACC]
+       [--modes sync,async,c3po (also: sync-streamed)]
        [--report-only | --reuse] [--out DIR] [overrides ...]
 """
 import argparse
@@ -35,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 # then, and async ones more often (bench/RESULTS.md, "Learning per sample")
 TASK = ["task.name=carry_add_longtail", "generator.max_new_tokens=64", "model.max_seq_len=80",
         "learner.lr=2.5e-4", "ray.dashboard=false", "run.progress=false"]
-MODES = ("sync", "async", "c3po")
+MODES = ("sync", "async", "c3po")  # the default; also sync-streamed (see mode_overrides)
 LADDER_RUNGS = 6  # accuracies at which time to accuracy is also printed
 
 
@@ -54,7 +55,11 @@ def read_run(out_dir: Path, name: str) -> dict:
 
 
 def mode_overrides(mode: str, round_tokens: int, eta: int) -> list[str]:
+    """sync is synchronous RL as others run it: the learner starts on a batch once it is all there;
+    sync-streamed is the same with the learner computing the batch's groups as they arrive."""
     if mode == "sync":
+        return ["algo.mode=sync", "learner.stream_groups=0"]
+    if mode == "sync-streamed":
         return ["algo.mode=sync"]
     rounds = round_tokens if mode == "c3po" else 0
     return ["algo.mode=async", f"algo.max_staleness={eta}", f"algo.round_token_budget={rounds}",

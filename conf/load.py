@@ -126,6 +126,7 @@ def validate(cfg: Config) -> None:
         threads = getattr(cfg, role).torch_threads
         _require(threads >= 1, f"{role}.torch_threads ({threads}) must be at least 1")
     _require(cfg.learner.warmup_threads >= 0, f"learner.warmup_threads ({cfg.learner.warmup_threads}) must be >= 0")
+    _require(cfg.learner.stream_groups >= 0, f"learner.stream_groups ({cfg.learner.stream_groups}) must be >= 0")
     _require(cfg.run.mode in RUN_MODES, f"run.mode ({cfg.run.mode}) must be one of {RUN_MODES}")
     _require(cfg.run.steps >= 0, f"run.steps ({cfg.run.steps}) must be >= 0")
     _require(cfg.ray.placement in PLACEMENTS, f"ray.placement ({cfg.ray.placement!r}) must be one of {PLACEMENTS}")

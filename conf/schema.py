@@ -124,6 +124,11 @@ class LearnerConfig:
                                 "generators idle (0: this node's cores divided by learner.num; bench/mfu.py on 2 "
                                 "cores: a tiny-model learner step 2.1x, a small-model one 1.6x faster on 2 threads)")
     recv_timeout_s: float = _f(120.0, "longest wait for trajectories before the step fails")
+    stream_groups: int = _f(4, "groups per micro-batch a learner computes (forward and backward) while the rest "
+                               "of its batch arrives, so that only the last micro-batch and the optimizer step "
+                               "follow the last group (0: the whole batch once it is in). One learner rank, "
+                               "batches of prompts_per_step: sharded learners and C3PO++ rounds take their "
+                               "batch at once")
     mtp_loss_weight: float = _f(0.3, "weight of the MTP loss in supervised warm-up steps")
 
 

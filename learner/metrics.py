@@ -1,26 +1,35 @@
-"""Merge the per-rank stats of one training step into the step's figures."""
+"""Merge the parts of one training step's stats (micro-batches, ranks) into the step's figures."""
 from collections import Counter
 
-SUMMED = ("consumed", "informative_groups", "trained_tokens")
+SUMMED = ("consumed", "informative_groups")
+
+
+def merge_loss_stats(parts: list[dict]) -> dict:
+    """Token counts add up (`trained_tokens`, each lag's `tokens`), lag histograms add up, the
+    other float figures are weighted by `trained_tokens`. Timings (`*_s`) and everything else
+    keep the first part's value."""
+    merged = dict(parts[0])
+    tokens = merged["trained_tokens"] = sum(part.get("trained_tokens", 0) for part in parts)
+    floats = {key for part in parts for key, value in part.items()
+              if isinstance(value, float) and not key.endswith("_s")}
+    for key in floats:
+        if key.endswith("/tokens"):
+            merged[key] = sum(part.get(key, 0.0) for part in parts)
+        elif tokens:
+            merged[key] = sum(part.get(key, 0.0) * part.get("trained_tokens", 0) for part in parts) / tokens
+    histograms = [part["lag_histogram"] for part in parts if part.get("trained_tokens")]
+    if histograms:
+        merged["lag_histogram"] = dict(sum((Counter(h) for h in histograms), Counter()))
+    return merged
 
 
 def merge_rank_stats(per_rank: list[dict]) -> dict:
-    """Counts add up; rates over samples are weighted by `consumed`, loss statistics by
-    `trained_tokens`; lag histograms add up. Keys every rank shares keep rank 0's value
-    (the version, timings)."""
-    merged = dict(per_rank[0])
+    """The loss statistics merged as `merge_loss_stats` does; counts add up and rates over
+    samples (reward, accuracy) are weighted by `consumed`."""
+    merged = merge_loss_stats(per_rank)
     consumed = sum(s["consumed"] for s in per_rank)
     for key in ("reward", "accuracy"):
         merged[key] = sum(s[key] * s["consumed"] for s in per_rank) / consumed
     for key in SUMMED:
         merged[key] = sum(s.get(key, 0) for s in per_rank)
-    tokens = merged["trained_tokens"]
-    weighted = {k for s in per_rank for k, v in s.items()
-                if isinstance(v, float) and k not in ("reward", "accuracy") and not k.endswith("_s")}
-    for key in weighted:
-        if tokens:
-            merged[key] = sum(s.get(key, 0.0) * s.get("trained_tokens", 0) for s in per_rank) / tokens
-    histograms = [s["lag_histogram"] for s in per_rank if s.get("trained_tokens")]
-    if histograms:
-        merged["lag_histogram"] = dict(sum((Counter(h) for h in histograms), Counter()))
     return merged

@@ -4,6 +4,12 @@ Each RL batch is one optimizer step, so theta_old (the weights before the update
 are exactly the weights of the step's own forward pass: pi_train(theta_old) is the
 detached forward, no second pass needed. The policy version counts optimizer steps.
 
+A batch may reach the step in micro-batches (`accumulate`, then `finish_step`): the
+learner computes the groups that have arrived while it waits for the rest. Each
+micro-batch's loss is backpropagated in its summed form (the aggregate times its count),
+so the gradients add up whatever the split; `finish_step` divides by the whole batch's
+count, known only once it is all there.
+
 On CUDA the forward runs under bf16 autocast while parameters, gradients and AdamW state
 stay float32 (master weights); log-probabilities, IcePop ratios and advantages are float32.
 """
@@ -42,12 +48,17 @@ class Trainer:
         return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def _optimizer_step(self, loss, lr: float) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
+        self.discard_gradients()
         loss.backward()
+        return self._apply_gradients(lr)
+
+    def _apply_gradients(self, lr: float) -> float:
+        """Clip, step and clear the gradients; move the expert bias by the step's expert load."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.discard_gradients()
         all_reduce_expert_load(self.model)
         self.model.update_expert_bias()
         return float(grad_norm)
@@ -72,15 +83,38 @@ class Trainer:
         return stats
 
     def rl_step(self, batch: TrainBatch, loss_scale: float = 1.0) -> dict:
-        """One IcePop update; the version advances by one.
+        """One IcePop update on the whole `batch`; the version advances by one.
 
         `loss_scale` multiplies the loss before backward (sharded learners use it to
         make the gradient average over ranks equal the whole batch's gradient).
         """
-        loss, stats = self.rl_loss(batch)
-        stats["grad_norm"] = self._optimizer_step(loss * loss_scale, self.cfg.lr)
-        self.version += 1
+        stats = self.accumulate(batch)
+        stats["grad_norm"] = self.finish_step(loss_scale / self.aggregation_count(batch))
         return stats
+
+    def accumulate(self, batch: TrainBatch, weight: float = 1.0) -> dict:
+        """Add the gradient of `batch`'s summed loss (times `weight`) to the step's; its statistics.
+
+        A rank with nothing to learn passes weight 0: it still joins FSDP's collectives.
+        """
+        loss, stats = self.rl_loss(batch)
+        (loss * (weight * self.aggregation_count(batch))).backward()
+        return stats
+
+    def finish_step(self, grad_scale: float) -> float:
+        """The optimizer step on the accumulated gradients times `grad_scale` (1 / the batch's
+        aggregation count, or a sharded rank's loss_scale over it); the version advances by one.
+        Returns the gradient norm before clipping."""
+        for param in self.model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(grad_scale)
+        grad_norm = self._apply_gradients(self.cfg.lr)
+        self.version += 1
+        return grad_norm
+
+    def discard_gradients(self) -> None:
+        """Forget what `accumulate` added since the last step (a batch that will not be trained)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def rl_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict]:
         """The IcePop loss of `batch` under the current weights, and its statistics."""
@@ -108,4 +142,5 @@ class Trainer:
         save_checkpoint(directory, self.model, self.optimizer, {"version": self.version})
 
     def load(self, directory) -> None:
+        self.discard_gradients()
         self.version = load_checkpoint(directory, self.model, self.optimizer, {"version": 0})["version"]

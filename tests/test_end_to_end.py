@@ -47,6 +47,8 @@ def test_short_run_learns(tmp_path):
     assert learner["consumed_samples"] == learner["trained_samples"] + learner["dropped_uninformative"]
     assert summary["actors"]["generator-0"]["generated_samples"] >= learner["consumed_samples"]
     assert all(0 <= r["masked_below_alpha_frac"] <= 1 and r["weight_sync_s"] > 0 for r in steps if "loss" in r)
+    # the learner computed its batches in micro-batches of learner.stream_groups while they arrived
+    assert max(r.get("micro_batches", 0) for r in steps) > 1
     assert_figures_of_the_run(summary, steps)
     assert_run_can_be_watched(tmp_path / "e2e", summary, steps)
     for name in ("learning_curve.png", "checkpoints/step-000040/model/.metadata", "checkpoints/step-000040/driver.json",

@@ -1,4 +1,4 @@
-"""Sharded learners on real gloo process groups: FSDP2 gradients and DCP resume."""
+"""A step in parts: micro-batches on one learner, FSDP2 shards on real gloo process groups; DCP resume."""
 import os
 
 import numpy as np
@@ -11,6 +11,7 @@ from comm.weights import free_port
 from comm.wire import Trajectory
 from conf.schema import AlgoConfig, LearnerConfig, ModelConfig
 from learner.batch import collate
+from learner.metrics import merge_loss_stats
 from learner.sharding import all_reduce_sum, full_tensor, init_learner_group, loss_scale, shard_model
 from learner.trainer import Trainer
 from model.moe import MoECausalLM
@@ -91,6 +92,31 @@ def test_two_shard_gradients_equal_one_shard(tmp_path, aggregation):
         reference = param.grad
         relative = (sharded[name] - reference).norm() / reference.norm().clamp(min=1e-12)
         assert relative <= 1e-5, (name, float(relative))
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "token_budget"])
+def test_micro_batches_add_up_to_the_whole_batch(aggregation):
+    """Accumulating a batch one group at a time gives the whole batch's gradient, once scaled by
+    its count, and the same loss statistics (merged by token); the step then clears it."""
+    groups = make_groups(0)
+    whole, parts = make_trainer(aggregation), make_trainer(aggregation)
+    loss, expected = whole.rl_loss(collate(groups, pad_id=0))
+    loss.backward()
+    micro_batches = [collate([group], pad_id=0) for group in groups]
+    stats = merge_loss_stats([parts.accumulate(batch) for batch in micro_batches])
+    scale = loss_scale(aggregation, 1.0, sum(parts.aggregation_count(batch) for batch in micro_batches))
+    for (name, param), reference in zip(parts.model.named_parameters(), whole.model.parameters()):
+        relative = (param.grad * scale - reference.grad).norm() / reference.grad.norm().clamp(min=1e-12)
+        assert relative <= 1e-5, (name, float(relative))
+    assert stats["trained_tokens"] == expected["trained_tokens"]
+    assert stats["lag_histogram"] == expected["lag_histogram"]
+    assert stats["lag/0/tokens"] == expected["lag/0/tokens"]
+    assert stats["mean_abs_log_k"] == pytest.approx(expected["mean_abs_log_k"], rel=1e-6)
+    grad_norm = parts.finish_step(scale)
+    reference_norm = torch.stack([p.grad.norm() for p in whole.model.parameters()]).norm()
+    assert grad_norm == pytest.approx(float(reference_norm), rel=1e-5)
+    assert parts.version == 1
+    assert all(p.grad is None for p in parts.model.parameters())  # the next step starts from nothing
 
 
 def resume_worker(rank: int, world: int, port: int, checkpoint: str, out: str) -> None:
