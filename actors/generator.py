@@ -1,9 +1,11 @@
 """Generator actor: continuous-batching rollouts, sent to the judges as GRPO groups.
 
-A decode thread owns the engine and the outgoing ZeroMQ socket. Ray method calls
-(other threads) only queue prompts, stage new weights, or read counters; the
-decode thread applies staged weights between two decode steps, so running
-rollouts are never drained and their later tokens carry the new version.
+A decode thread owns the engine; it hands finished groups to a sender thread, which
+owns the outgoing ZeroMQ socket (comm.channel.BackgroundSender), so encoding and
+queueing them does not hold up decoding. Ray method calls (other threads) only queue
+prompts, stage new weights, or read counters; the decode thread applies staged weights
+between two decode steps, so running rollouts are never drained and their later tokens
+carry the new version.
 
 For checkpoints the driver holds the decode thread (`hold`), takes a `snapshot` of
 everything unfinished (queued prompts, rollouts in the slots or paused, finished
@@ -27,7 +29,7 @@ from actors.telemetry import ActorMetrics
 from actors.tasks import build_task
 from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
-from comm.channel import TrajectorySender
+from comm.channel import BackgroundSender
 from comm.logs import setup_logging
 from comm.placement import Placement, cast_parameters, compute_dtype, place_here
 from comm.weights import WeightSubscriber, init_weight_group
@@ -88,7 +90,7 @@ class Generator:
         self.new_fates: dict[str, str] = {}  # prompt uid -> fate, until the driver takes them
         self.hold_requested, self.held = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
-        self.judge_endpoints: list[str] = []  # where the decode thread sends groups
+        self.judge_endpoints: list[str] = []  # where the sender thread sends groups
         self.clock = PhaseClock()
         self.metrics = ActorMetrics("generator", f"generator-{rank}")
         self.last_reading = (time.monotonic(), 0)  # (when, generated tokens) at the last stats()
@@ -284,11 +286,10 @@ class Generator:
     # Rounds (C3PO++, algo.round_token_budget > 0): a round closes once this generator made its
     # share of the budget; every unfinished rollout is then paused and resumes in a later round.
     def _run(self) -> None:
-        sender = TrajectorySender(self.judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s, keys=self.keys)
+        sender = BackgroundSender(lambda: self.judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s,
+                                  keys=self.keys, name=f"generator-{self.rank}-send")
         try:
             while not self.stopping.is_set():
-                if sender.endpoints != self.judge_endpoints:
-                    sender.retarget(self.judge_endpoints)
                 with self.clock.phase("loading_weights"), self.applied:
                     self._apply_staged()
                 if self.hold_requested.is_set():
@@ -323,7 +324,7 @@ class Generator:
         self.nudge.wait(IDLE_WAIT_S)
         self.nudge.clear()
 
-    def _decode_step(self, sender: TrajectorySender) -> None:
+    def _decode_step(self, sender: BackgroundSender) -> None:
         with self._step_locked("decoding"):
             start = time.perf_counter()
             finished = self.engine.step()
@@ -331,7 +332,7 @@ class Generator:
         emitted = self.engine.num_active + len(finished)
         self.counters["generated_tokens"] += emitted
         self.round_tokens += emitted
-        with self.clock.phase("sending"):  # blocks only at the judges' high-water mark
+        with self.clock.phase("sending"):  # the hand-off to the sender thread; blocks only when it is behind
             for rollout in finished:
                 self._collect(rollout, sender)
         if self.round_budget and self.round_tokens >= self.round_budget:
@@ -434,7 +435,7 @@ class Generator:
             for g in range(G):
                 self.engine.add(f"{prompt['uid']}/{g}", prompt["tokens"])
 
-    def _collect(self, rollout: Rollout, sender: TrajectorySender) -> None:
+    def _collect(self, rollout: Rollout, sender: BackgroundSender) -> None:
         prompt_uid = _prompt_uid(rollout)
         if prompt_uid in self.purged:
             return

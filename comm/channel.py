@@ -10,8 +10,11 @@ Loopback endpoints speak plain TCP. Off loopback both ends need the run's `Chann
 CURVE clients; a receiver or sender off loopback without keys raises ValueError.
 """
 import math
+import queue
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import zmq
 from loguru import logger
@@ -20,6 +23,7 @@ from comm.auth import ChannelKeys, ClientGate, endpoint_host, require_keys, secu
 from comm.wire import Trajectory, WireError, decode_group, encode_group
 
 SENDER_LINGER_MS = 2_000  # after close, how long queued groups may still be flushed to receivers
+HAND_OVER_WAIT_S = 0.1  # a BackgroundSender's caller looks this often whether the thread failed
 
 
 class ChannelTimeout(TimeoutError):
@@ -172,3 +176,56 @@ class TrajectorySender:
     def close(self) -> None:
         """Close the socket; queued groups get SENDER_LINGER_MS to reach their receivers."""
         self._socket.close()
+
+
+class BackgroundSender:
+    """A TrajectorySender on a thread of its own, so that encoding and queueing a group costs
+    the caller (a generator's decode loop) only a hand-off.
+
+    Up to `backlog` groups wait for the thread; `send_group` blocks while they are all taken,
+    so the channel's backpressure still reaches the caller. Groups go out in the order given,
+    each to the endpoints `endpoints()` names when it is sent (a replaced judge is followed).
+    The thread's failure (ChannelTimeout: no receiver took a group in time) is raised by the
+    next `send_group`. `close` lets the thread send what is waiting, then closes the socket.
+    """
+
+    def __init__(self, endpoints: Callable[[], list[str]], hwm: int = 64, send_timeout_s: float = 60.0,
+                 keys: ChannelKeys | None = None, backlog: int = 64, name: str = "sender"):
+        self._endpoints = endpoints
+        self._backlog: queue.Queue = queue.Queue(maxsize=backlog)
+        self._failure: BaseException | None = None
+        sender = TrajectorySender(endpoints(), hwm, send_timeout_s, keys)  # bad endpoints raise here
+        self._thread = threading.Thread(target=self._run, args=(sender,), name=name, daemon=True)
+        self._thread.start()
+
+    def send_group(self, trajectories: list[Trajectory]) -> None:
+        while not self._handed_over(trajectories):
+            if self._failure is not None:
+                raise self._failure
+
+    def close(self) -> None:
+        while self._thread.is_alive() and self._failure is None and not self._handed_over(None):
+            pass
+        self._thread.join()
+
+    def _handed_over(self, item: list[Trajectory] | None) -> bool:
+        """Whether `item` went into the backlog within a short wait (none once the thread failed)."""
+        if self._failure is not None:
+            return False
+        try:
+            self._backlog.put(item, timeout=HAND_OVER_WAIT_S)
+            return True
+        except queue.Full:
+            return False
+
+    def _run(self, sender: TrajectorySender) -> None:
+        try:
+            while (group := self._backlog.get()) is not None:
+                if sender.endpoints != (endpoints := self._endpoints()):
+                    sender.retarget(endpoints)
+                sender.send_group(group)
+        except BaseException as err:  # the caller's next send_group raises it
+            logger.warning("trajectory sender thread failed: {!r}", err)
+            self._failure = err
+        finally:
+            sender.close()

@@ -7,7 +7,7 @@ import pytest
 import zmq
 from loguru import logger
 
-from comm.channel import ChannelTimeout, TrajectoryReceiver, TrajectorySender
+from comm.channel import BackgroundSender, ChannelTimeout, TrajectoryReceiver, TrajectorySender
 from comm.wire import SCHEMA_VERSION, Trajectory, encode_group
 
 
@@ -106,3 +106,34 @@ def test_groups_are_dealt_round_robin_to_two_receivers(receiver):
     assert receiver.recv_group(timeout_s=0.05) is None and other.recv_group(timeout_s=0.05) is None
     sender.close()
     other.close()
+
+
+def test_background_sender_delivers_in_order_and_follows_a_new_endpoint(receiver):
+    """Groups handed over go out in order from the sender's thread; after the endpoints change,
+    the next groups go to the new receiver; close sends what is still waiting."""
+    other = TrajectoryReceiver(hwm=8)
+    endpoints = [receiver.endpoint]
+    sender = BackgroundSender(lambda: endpoints, hwm=8, send_timeout_s=5, backlog=2)
+    for prompt in range(4):
+        sender.send_group(make_group(prompt))
+    assert [receiver.recv_group(timeout_s=5)[0].prompt_uid for _ in range(4)] == ["p0", "p1", "p2", "p3"]
+    endpoints = [other.endpoint]
+    for prompt in range(4, 7):
+        sender.send_group(make_group(prompt))
+    sender.close()
+    assert [other.recv_group(timeout_s=5)[0].prompt_uid for _ in range(3)] == ["p4", "p5", "p6"]
+    assert receiver.recv_group(timeout_s=0.05) is None
+    other.close()
+
+
+def test_background_sender_raises_its_threads_timeout_to_the_caller(receiver):
+    """A receiver that stops taking groups: the thread's ChannelTimeout reaches the caller's next
+    send_group (blocked meanwhile once the backlog is full), and close still returns."""
+    sender = BackgroundSender(lambda: [receiver.endpoint], hwm=1, send_timeout_s=0.5, backlog=1)
+    big_group = make_group(0, size=2, completion_length=512 * 1024)  # 6 MiB per group
+    with pytest.raises(ChannelTimeout, match=receiver.endpoint):
+        for _ in range(64):
+            sender.send_group(big_group)
+    start = time.monotonic()
+    sender.close()
+    assert time.monotonic() - start < 5
