@@ -22,7 +22,7 @@ from actors.ledger import Ledger
 from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.status import Status
 from actors.telemetry import ActorMetrics
-from actors.supervisor import ABSORB_QUIET_S, Supervisor
+from actors.supervisor import Supervisor
 from actors.system import (ActorFailure, accuracy, async_on_generators, async_on_learners,
                            async_stats, call, check_shared_storage, evaluate_in_slices, start_generators,
                            start_system, stop_system)
@@ -39,6 +39,9 @@ SHIPPED_EXCLUDES = [".venv", ".git", "runs", "outputs", "bench", "**/__pycache__
 DRIVER_STATE = "driver.json"
 OVERRIDES = "overrides.json"
 COLLECT_SLICE_S = 1.0  # the driver looks after the actors between slices of a learner's wait
+# a checkpoint's drain: learners take in groups until this quiet, then the ledger says whether any is
+# still on the way; short, because the generators are held meanwhile
+CHECKPOINT_QUIET_S = 0.05
 WARMUP_SLICE = 25     # warm-up steps per learner call: the progress shown moves this often
 
 
@@ -216,7 +219,7 @@ def drain_to_learners(cfg: Config, sup: Supervisor, ledger: Ledger, held: set[st
     """Until every pending prompt the generators do not hold is buffered at a learner."""
     deadline = time.monotonic() + cfg.learner.recv_timeout_s
     while True:
-        absorbed = sup.call(async_on_learners(sup.system, "absorb", ABSORB_QUIET_S))
+        absorbed = sup.call(async_on_learners(sup.system, "absorb", CHECKPOINT_QUIET_S))
         sup.settle_reported(absorbed)
         on_the_way = set(ledger.pending()) - held - {uid for r in absorbed.values() for uid in r["buffered"]}
         if not on_the_way:
