@@ -290,6 +290,7 @@ class Generator:
                                   keys=self.keys, name=f"generator-{self.rank}-send")
         try:
             while not self.stopping.is_set():
+                sender.raise_if_failed()  # groups it could not send are lost: the generator fails
                 with self.clock.phase("loading_weights"), self.applied:
                     self._apply_staged()
                 if self.hold_requested.is_set():

@@ -63,9 +63,17 @@ ROUND_POLL_S = 0.005
 class Accumulated:
     """The part of the next batch whose gradient the learner has already computed."""
     uids: set[str] = field(default_factory=set)  # its groups' prompt uids (informative or not)
-    count: float = 0.0                           # their aggregation count: what the step divides by
     parts: list[dict] = field(default_factory=list)  # each micro-batch's loss statistics
+    counts: list[float] = field(default_factory=list)  # and aggregation count (the step divides by their sum)
     seconds: float = 0.0                         # spent computing them
+
+    def add(self, stats: dict, count: float) -> None:
+        self.parts.append(stats)
+        self.counts.append(count)
+
+    def losses(self) -> list[tuple[float, float]]:
+        """(loss, aggregation count) of each micro-batch, for Trainer.step_loss."""
+        return [(stats["loss"], count) for stats, count in zip(self.parts, self.counts)]
 
 
 @ray.remote
@@ -217,8 +225,8 @@ class Learner:
             return {"ready": False, "round_closed": closed, "buffered": self.buffered_uids(), "fates": self.take_fates()}
         while True:
             with self.clock.phase("waiting"):
-                self._receive_until(deadline, lambda: self._batch_ready(until_groups) or self._micro_batch(until_groups),
-                                    poll_s=wait_s)
+                self._receive_until(deadline, poll_s=wait_s,
+                                    done=lambda: self._batch_ready(until_groups) or self._micro_batch(until_groups))
             micro_batch = self._micro_batch(until_groups)
             if not micro_batch:
                 break
@@ -334,16 +342,19 @@ class Learner:
         # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
         joins_only = not informative and world_size() > 1
         batch = self._collate(rest or groups) if rest or joins_only else None
-        local_count = self.accumulated.count + (self.trainer.aggregation_count(batch) if rest else 0)
+        accumulated = self.accumulated
+        local_count = sum(accumulated.counts) + (self.trainer.aggregation_count(batch) if rest else 0)
         (global_count,) = all_reduce_sum([local_count])
         if global_count == 0:
             self._forget_accumulated()
             return {}
         if batch is not None:
-            self.accumulated.parts.append(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0))
-        stats = {**merge_loss_stats(self.accumulated.parts), "micro_batches": len(self.accumulated.parts)}
+            accumulated.add(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0),
+                            self.trainer.aggregation_count(batch))
+        stats = {**merge_loss_stats(accumulated.parts), "micro_batches": len(accumulated.parts),
+                 "loss": self.trainer.step_loss(accumulated.losses())}
         stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, global_count))
-        stats["train_s"] = self.accumulated.seconds + time.perf_counter() - start
+        stats["train_s"] = accumulated.seconds + time.perf_counter() - start
         self._forget_accumulated()
         if not informative:
             stats["trained_tokens"] = 0
@@ -359,12 +370,11 @@ class Learner:
     def _accumulate(self, groups: list) -> None:
         """Add the gradient of `groups` (their informative ones) to the step being built."""
         start = time.perf_counter()
-        self.accumulated.uids.update(group[0].prompt_uid for group in groups)
         informative, _ = self._informative(groups)
         if informative:
             batch = self._collate(sorted(informative, key=lambda group: group[0].prompt_uid))
-            self.accumulated.parts.append(self.trainer.accumulate(batch))
-            self.accumulated.count += self.trainer.aggregation_count(batch)
+            self.accumulated.add(self.trainer.accumulate(batch), self.trainer.aggregation_count(batch))
+        self.accumulated.uids.update(group[0].prompt_uid for group in groups)
         self.accumulated.seconds += time.perf_counter() - start
 
     def _forget_accumulated(self) -> None:

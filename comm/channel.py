@@ -186,7 +186,8 @@ class BackgroundSender:
     so the channel's backpressure still reaches the caller. Groups go out in the order given,
     each to the endpoints `endpoints()` names when it is sent (a replaced judge is followed).
     The thread's failure (ChannelTimeout: no receiver took a group in time) is raised by the
-    next `send_group`. `close` lets the thread send what is waiting, then closes the socket.
+    next `send_group` or `raise_if_failed`. `close` lets the thread send what is waiting, then
+    closes the socket.
     """
 
     def __init__(self, endpoints: Callable[[], list[str]], hwm: int = 64, send_timeout_s: float = 60.0,
@@ -200,8 +201,12 @@ class BackgroundSender:
 
     def send_group(self, trajectories: list[Trajectory]) -> None:
         while not self._handed_over(trajectories):
-            if self._failure is not None:
-                raise self._failure
+            self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """Raise the thread's failure, if it failed (the caller may have nothing more to send)."""
+        if self._failure is not None:
+            raise self._failure
 
     def close(self) -> None:
         while self._thread.is_alive() and self._failure is None and not self._handed_over(None):
@@ -224,7 +229,7 @@ class BackgroundSender:
                 if sender.endpoints != (endpoints := self._endpoints()):
                     sender.retarget(endpoints)
                 sender.send_group(group)
-        except BaseException as err:  # the caller's next send_group raises it
+        except BaseException as err:  # the caller's next send_group or raise_if_failed raises it
             logger.warning("trajectory sender thread failed: {!r}", err)
             self._failure = err
         finally:

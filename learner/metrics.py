@@ -6,17 +6,21 @@ SUMMED = ("consumed", "informative_groups")
 
 def merge_loss_stats(parts: list[dict]) -> dict:
     """Token counts add up (`trained_tokens`, each lag's `tokens`), lag histograms add up, the
-    other float figures are weighted by `trained_tokens`. Timings (`*_s`) and everything else
-    keep the first part's value."""
+    other float figures are weighted by the tokens they average over (`lag/<lag>/...` by that
+    lag's, the rest by `trained_tokens`). Timings (`*_s`) and everything else keep the first
+    part's value."""
     merged = dict(parts[0])
-    tokens = merged["trained_tokens"] = sum(part.get("trained_tokens", 0) for part in parts)
+    merged["trained_tokens"] = sum(part.get("trained_tokens", 0) for part in parts)
     floats = {key for part in parts for key, value in part.items()
               if isinstance(value, float) and not key.endswith("_s")}
     for key in floats:
         if key.endswith("/tokens"):
             merged[key] = sum(part.get(key, 0.0) for part in parts)
-        elif tokens:
-            merged[key] = sum(part.get(key, 0.0) * part.get("trained_tokens", 0) for part in parts) / tokens
+            continue
+        weight = key.rsplit("/", 1)[0] + "/tokens" if key.startswith("lag/") else "trained_tokens"
+        tokens = sum(part.get(weight, 0) for part in parts)
+        if tokens:
+            merged[key] = sum(part.get(key, 0.0) * part.get(weight, 0) for part in parts) / tokens
     histograms = [part["lag_histogram"] for part in parts if part.get("trained_tokens")]
     if histograms:
         merged["lag_histogram"] = dict(sum((Counter(h) for h in histograms), Counter()))

@@ -112,6 +112,12 @@ class Trainer:
         self.version += 1
         return grad_norm
 
+    def step_loss(self, parts: list[tuple[float, float]]) -> float:
+        """The whole batch's loss from its micro-batches' (loss, aggregation count): their summed
+        forms add up, as their gradients do."""
+        summed = sum(loss * count for loss, count in parts)
+        return summed if self.params.aggregation == "token_budget" else summed / sum(count for _, count in parts)
+
     def discard_gradients(self) -> None:
         """Forget what `accumulate` added since the last step (a batch that will not be trained)."""
         self.optimizer.zero_grad(set_to_none=True)

@@ -127,13 +127,19 @@ def test_background_sender_delivers_in_order_and_follows_a_new_endpoint(receiver
 
 
 def test_background_sender_raises_its_threads_timeout_to_the_caller(receiver):
-    """A receiver that stops taking groups: the thread's ChannelTimeout reaches the caller's next
-    send_group (blocked meanwhile once the backlog is full), and close still returns."""
-    sender = BackgroundSender(lambda: [receiver.endpoint], hwm=1, send_timeout_s=0.5, backlog=1)
+    """A receiver that stops taking groups: the thread's ChannelTimeout reaches the caller through
+    raise_if_failed, with nothing more handed over, then through send_group; close still returns."""
+    sender = BackgroundSender(lambda: [receiver.endpoint], hwm=1, send_timeout_s=0.5, backlog=64)
     big_group = make_group(0, size=2, completion_length=512 * 1024)  # 6 MiB per group
+    for _ in range(64):  # the backlog takes them all; the thread blocks after a few
+        sender.send_group(big_group)
+    deadline = time.monotonic() + 10
     with pytest.raises(ChannelTimeout, match=receiver.endpoint):
-        for _ in range(64):
-            sender.send_group(big_group)
+        while time.monotonic() < deadline:
+            sender.raise_if_failed()
+            time.sleep(0.05)
+    with pytest.raises(ChannelTimeout):
+        sender.send_group(big_group)
     start = time.monotonic()
     sender.close()
     assert time.monotonic() - start < 5

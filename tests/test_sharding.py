@@ -97,21 +97,29 @@ def test_two_shard_gradients_equal_one_shard(tmp_path, aggregation):
 @pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "token_budget"])
 def test_micro_batches_add_up_to_the_whole_batch(aggregation):
     """Accumulating a batch one group at a time gives the whole batch's gradient, once scaled by
-    its count, and the same loss statistics (merged by token); the step then clears it."""
+    its count, the same loss and the same statistics, by lag too (one group has lag 1, the
+    others lag 0); the step then clears the gradient."""
     groups = make_groups(0)
+    for trajectory in groups[0]:
+        trajectory.policy_version = trajectory.policy_version - 1
     whole, parts = make_trainer(aggregation), make_trainer(aggregation)
     loss, expected = whole.rl_loss(collate(groups, pad_id=0))
     loss.backward()
     micro_batches = [collate([group], pad_id=0) for group in groups]
-    stats = merge_loss_stats([parts.accumulate(batch) for batch in micro_batches])
-    scale = loss_scale(aggregation, 1.0, sum(parts.aggregation_count(batch) for batch in micro_batches))
+    per_part = [parts.accumulate(batch) for batch in micro_batches]
+    stats = merge_loss_stats(per_part)
+    counts = [parts.aggregation_count(batch) for batch in micro_batches]
+    step_loss = parts.step_loss([(part["loss"], count) for part, count in zip(per_part, counts)])
+    assert step_loss == pytest.approx(expected["loss"], rel=1e-5)
+    scale = loss_scale(aggregation, 1.0, sum(counts))
     for (name, param), reference in zip(parts.model.named_parameters(), whole.model.parameters()):
         relative = (param.grad * scale - reference.grad).norm() / reference.grad.norm().clamp(min=1e-12)
         assert relative <= 1e-5, (name, float(relative))
     assert stats["trained_tokens"] == expected["trained_tokens"]
     assert stats["lag_histogram"] == expected["lag_histogram"]
-    assert stats["lag/0/tokens"] == expected["lag/0/tokens"]
-    assert stats["mean_abs_log_k"] == pytest.approx(expected["mean_abs_log_k"], rel=1e-6)
+    for key in ("mean_abs_log_k", "lag/0/mean_abs_log_k", "lag/1/mean_abs_log_k", "lag/1/mismatch_kl"):
+        assert stats[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert stats["lag/0/tokens"] == expected["lag/0/tokens"] and stats["lag/1/tokens"] == expected["lag/1/tokens"]
     grad_norm = parts.finish_step(scale)
     reference_norm = torch.stack([p.grad.norm() for p in whole.model.parameters()]).norm()
     assert grad_norm == pytest.approx(float(reference_norm), rel=1e-5)
