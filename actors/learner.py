@@ -336,13 +336,12 @@ class Learner:
 
     def _update(self, informative: list, groups: list) -> dict:
         """One optimizer step over all ranks; skipped by all when no rank has a signal."""
-        done = self.accumulated.uids
-        rest = [group for group in informative if group[0].prompt_uid not in done]
+        accumulated = self.accumulated
+        rest = [group for group in informative if group[0].prompt_uid not in accumulated.uids]
         start = time.perf_counter()
         # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
         joins_only = not informative and world_size() > 1
         batch = self._collate(rest or groups) if rest or joins_only else None
-        accumulated = self.accumulated
         local_count = sum(accumulated.counts) + (self.trainer.aggregation_count(batch) if rest else 0)
         (global_count,) = all_reduce_sum([local_count])
         if global_count == 0:
