@@ -67,14 +67,16 @@ class PartialRotary(nn.Module):
 class KVCache:
     """Key/value buffers for `slots` sequences of up to `max_len` tokens each.
 
-    Buffers are [layers, slots, max_len, G, Dh]; `lengths[s]` counts the valid
-    positions of slot s. The model writes new keys at `lengths[slot] + t`; the caller
-    advances `lengths` once it knows how many of the new tokens were real.
+    Buffers are [layers, slots, G, max_len, Dh], head-major as attention reads them: a slot's
+    keys of one head lie together, so the live part of every row and head is one strided batch
+    of matrices, read where it lies. `lengths[s]` counts the valid positions of slot s. The model
+    writes new keys at `lengths[slot] + t`; the caller advances `lengths` once it knows how many
+    of the new tokens were real.
     """
 
     def __init__(self, cfg: ModelConfig, slots: int, max_len: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -134,9 +136,9 @@ class Layout:
             x_N_ = x_N_.new_zeros(self.B * self.T, *x_N_.shape[1:]).index_copy(0, self.index_N, x_N_)
         return x_N_.view(self.B, self.T, *x_N_.shape[1:])
 
-    def cached(self, layer_cache_SLGD):
-        """The keys (or values) of attention's rows out of one layer's cache, [R, live_len, G, Dh]."""
-        live = layer_cache_SLGD[:, : self.live_len]
+    def cached(self, layer_cache_SGLD):
+        """The keys (or values) of attention's rows out of one layer's cache, [R, G, live_len, Dh]."""
+        live = layer_cache_SGLD[:, :, : self.live_len]
         return live if self.in_place else live.index_select(0, self.slots_B)
 
     def query_rows(self, x_BTHD):
@@ -177,7 +179,8 @@ class Attention(nn.Module):
             k = self.rotary(self.k_norm(self.k_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)), rotation)
             v = self.v_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)
             if cache is None:
-                out_BTHDh = self._attend(layout.rows(q), layout.rows(k), layout.rows(v), mask=None)
+                k_BGTDh, v_BGTDh = layout.rows(k).transpose(1, 2), layout.rows(v).transpose(1, 2)
+                out_BTHDh = self._attend(layout.rows(q), k_BGTDh, v_BGTDh, mask=None)
             else:
                 keys, values = self._write_cache(cache, k, v, layout)
                 out_RTHDh = self._attend(layout.query_rows(layout.rows(q)), keys, values, mask=layout.key_mask_R1TL)
@@ -185,20 +188,42 @@ class Attention(nn.Module):
             return self.o_proj(layout.tokens(out_BTHDh).reshape(N, -1))
 
     def _write_cache(self, cache: KVCache, k_NGDh, v_NGDh, layout: Layout):
-        """Write the new keys/values; return the live part of attention's rows, [R, live_len, G, Dh]."""
+        """Write the new keys/values; return the live part of attention's rows, [R, G, live_len, Dh]."""
         layer_keys, layer_values = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-        layer_keys.index_put_((layout.slots_N, layout.positions_N), k_NGDh.detach())
-        layer_values.index_put_((layout.slots_N, layout.positions_N), v_NGDh.detach())
+        # through a [slots, max_len, G, Dh] view: each token's G heads go to its (slot, position)
+        layer_keys.transpose(1, 2).index_put_((layout.slots_N, layout.positions_N), k_NGDh.detach())
+        layer_values.transpose(1, 2).index_put_((layout.slots_N, layout.positions_N), v_NGDh.detach())
         return layout.cached(layer_keys), layout.cached(layer_values)
 
-    def _attend(self, q_BTHDh, k_BLGDh, v_BLGDh, mask):
+    def _attend(self, q_BTHDh, k_BGLDh, v_BGLDh, mask):
         """Grouped-query attention; keys/values are shared by heads without copying them per head."""
-        q, k, v = q_BTHDh.transpose(1, 2), k_BLGDh.transpose(1, 2), v_BLGDh.transpose(1, 2)
+        if mask is not None and q_BTHDh.shape[1] == 1 and q_BTHDh.device.type == "cpu" \
+                and q_BTHDh.dtype == torch.float32:  # a CPU decode step (bf16 stays with SDPA's rounding)
+            return decode_attention(q_BTHDh, k_BGLDh, v_BGLDh, mask)
+        q, k, v = q_BTHDh.transpose(1, 2), k_BGLDh, v_BGLDh
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def decode_attention(q_B1HDh, k_BGLDh, v_BGLDh, mask_B11L):
+    """A decode step's attention on the CPU: each row's one query against its cached keys, as two
+    batched matmuls over (row, key head) with the H / G query heads of a key head as one matrix.
+
+    Reads the cache's live part where it lies. torch's CPU SDPA takes 1.5 to 2.2x longer on the
+    decode step of bench/async_vs_sync.py's model (256 rows, 32 to 80 live keys; the tests
+    check both give the same outputs), and attention is a quarter to a third of that step.
+    """
+    B, _, H, Dh = q_B1HDh.shape
+    G, L = k_BGLDh.shape[1], k_BGLDh.shape[2]
+    q = q_B1HDh.reshape(B * G, H // G, Dh)
+    k, v = k_BGLDh.reshape(B * G, L, Dh), v_BGLDh.reshape(B * G, L, Dh)
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(Dh ** -0.5).view(B, G, H // G, L)
+    scores.masked_fill_(~mask_B11L, float("-inf"))
+    out = torch.bmm(scores.softmax(-1).view(B * G, H // G, L), v)
+    return out.view(B, 1, H, Dh)
 
 
 class SwiGLU(nn.Module):

@@ -1,10 +1,11 @@
 """Equivalence tests of the MoE model: batched experts, KV-cache decoding, expert bias."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conf.schema import ModelConfig
 from model.engine import GenerationEngine, generate
-from model.moe import MoECausalLM
+from model.moe import MoECausalLM, decode_attention
 
 
 def tiny_model(**overrides) -> MoECausalLM:
@@ -52,6 +53,19 @@ def test_kv_cache_decode_matches_full_forward(max_slots):
         expected = logprobs[P - 1 : len(full) - 1].gather(1, torch.tensor(r.completion_tokens)[:, None])[:, 0]
         assert (expected - torch.tensor(r.behavior_logprobs)).abs().max() <= 1e-5
 
+
+def test_decode_attention_matches_sdpa_on_the_cache_where_it_lies():
+    """The CPU decode path reads a strided slice of a head-major cache ([slots, G, max_len, Dh]) and
+    must give what SDPA gives, every query head on its key head, padding keys masked out."""
+    torch.manual_seed(0)
+    slots, G, H, max_len, Dh, live = 6, 2, 4, 40, 16, 24
+    keys, values = torch.randn(slots, G, max_len, Dh), torch.randn(slots, G, max_len, Dh)
+    q = torch.randn(slots, 1, H, Dh)
+    lengths = torch.tensor([1, 5, 24, 17, 9, 2])
+    mask = (torch.arange(live) < lengths[:, None])[:, None, None]
+    k, v = keys[:, :, :live], values[:, :, :live]
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(decode_attention(q, k, v, mask), expected.transpose(1, 2), atol=1e-6)
 
 def test_expert_bias_moves_only_in_training():
     model = tiny_model(expert_bias_rate=0.01)
