@@ -91,6 +91,7 @@ class Generator:
         self.hold_requested, self.held = threading.Event(), threading.Event()
         self.thread: threading.Thread | None = None
         self.judge_endpoints: list[str] = []  # where the sender thread sends groups
+        self.sender: BackgroundSender | None = None  # the decode thread's, once it runs
         self.clock = PhaseClock()
         self.metrics = ActorMetrics("generator", f"generator-{rank}")
         self.last_reading = (time.monotonic(), 0)  # (when, generated tokens) at the last stats()
@@ -143,9 +144,11 @@ class Generator:
         return fates
 
     def holding(self) -> list[str]:
-        """Uids of the prompts this generator still holds (queued, decoding, paused, incomplete)."""
+        """Uids of the prompts this generator still holds (queued, decoding, paused, incomplete, or
+        finished and waiting for the sender thread)."""
         with self.step_lock:
-            return list(self.meta) + [p["uid"] for p in self.prompts.queue]
+            waiting = self.sender.waiting_prompts() if self.sender is not None else []
+            return list(self.meta) + [p["uid"] for p in self.prompts.queue] + waiting
 
     def hold(self) -> dict:
         """Stop decoding (after the current step); returns the snapshot of everything unfinished."""
@@ -286,8 +289,9 @@ class Generator:
     # Rounds (C3PO++, algo.round_token_budget > 0): a round closes once this generator made its
     # share of the budget; every unfinished rollout is then paused and resumes in a later round.
     def _run(self) -> None:
-        sender = BackgroundSender(lambda: self.judge_endpoints, self.cfg.comm.hwm, self.cfg.comm.send_timeout_s,
-                                  keys=self.keys, name=f"generator-{self.rank}-send")
+        self.sender = sender = BackgroundSender(lambda: self.judge_endpoints, self.cfg.comm.hwm,
+                                                self.cfg.comm.send_timeout_s, keys=self.keys,
+                                                name=f"generator-{self.rank}-send")
         try:
             while not self.stopping.is_set():
                 sender.raise_if_failed()  # groups it could not send are lost: the generator fails

@@ -193,6 +193,8 @@ def main() -> None:
                         help="read the runs already finished in --out (their summary.json), run only the others")
     parser.add_argument("--out", default="runs/async_vs_sync", help="the runs and the plot; a warm-up there is reused")
     args, extra = parser.parse_known_args()
+    if args.eval_every_s <= 0:  # the time-to-accuracy curves are read on this grid
+        parser.error(f"--eval-every-s must be positive, not {args.eval_every_s}")
     out, modes = Path(args.out).absolute(), args.modes.split(",")
     extra = [f"task.eval_prompts={args.eval_prompts}", *extra]
     if not args.report_only and not (out / "warm" / "checkpoints").is_dir():

@@ -208,6 +208,12 @@ class BackgroundSender:
         if self._failure is not None:
             raise self._failure
 
+    def waiting_prompts(self) -> list[str]:
+        """The prompt uids of the groups handed over that the thread has not taken yet: they go to
+        whichever receivers are named when it takes them, so a receiver's death cannot lose them."""
+        with self._backlog.mutex:
+            return [group[0].prompt_uid for group in self._backlog.queue if group]
+
     def close(self) -> None:
         while self._thread.is_alive() and self._failure is None and not self._handed_over(None):
             pass

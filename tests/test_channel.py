@@ -126,6 +126,23 @@ def test_background_sender_delivers_in_order_and_follows_a_new_endpoint(receiver
     other.close()
 
 
+def test_background_sender_names_the_groups_its_thread_has_not_taken():
+    """A receiver that reads nothing yet: a few groups fill the queues, the thread blocks in its
+    send, the rest wait in the backlog and are named, newest last; once the receiver reads, none
+    waits and all arrive in order."""
+    receiver = TrajectoryReceiver(hwm=1)
+    sender = BackgroundSender(lambda: [receiver.endpoint], hwm=1, send_timeout_s=30, backlog=64)
+    for prompt in range(24):
+        sender.send_group(make_group(prompt, size=2, completion_length=512 * 1024))  # 6 MiB each
+    time.sleep(0.5)
+    waiting = sender.waiting_prompts()
+    assert 1 <= len(waiting) < 24 and waiting == [f"p{i}" for i in range(24 - len(waiting), 24)]
+    assert [receiver.recv_group(timeout_s=10)[0].prompt_uid for _ in range(24)] == [f"p{i}" for i in range(24)]
+    assert sender.waiting_prompts() == []
+    sender.close()
+    receiver.close()
+
+
 def test_background_sender_raises_its_threads_timeout_to_the_caller(receiver):
     """A receiver that stops taking groups: the thread's ChannelTimeout reaches the caller through
     raise_if_failed, with nothing more handed over, then through send_group; close still returns."""
