@@ -212,9 +212,10 @@ def decode_attention(q_B1HDh, k_BGLDh, v_BGLDh, mask_B11L):
     """A decode step's attention on the CPU: each row's one query against its cached keys, as two
     batched matmuls over (row, key head) with the H / G query heads of a key head as one matrix.
 
-    Reads the cache's live part where it lies. torch's CPU SDPA takes 1.5 to 2.2x longer on the
-    decode step of bench/async_vs_sync.py's model (256 rows, 32 to 80 live keys; the tests
-    check both give the same outputs), and attention is a quarter to a third of that step.
+    Reads the cache's live part where it lies. With bench/async_vs_sync.py's model (256 rows, 32
+    to 80 live keys, one thread) torch's CPU SDPA took 1.2 to 2.2x as long, and attention is a
+    quarter to a third of a decode step (bench/RESULTS.md, fifth pass; the tests check that both
+    give the same outputs).
     """
     B, _, H, Dh = q_B1HDh.shape
     G, L = k_BGLDh.shape[1], k_BGLDh.shape[2]
