@@ -144,11 +144,15 @@ class Generator:
         return fates
 
     def holding(self) -> list[str]:
-        """Uids of the prompts this generator still holds (queued, decoding, paused, incomplete, or
-        finished and waiting for the sender thread)."""
+        """Uids of the prompts this generator still holds: unfinished, or finished and waiting for
+        the sender thread (which sends them to the judges named when it takes them)."""
+        unfinished = self._unfinished()  # first: a group leaves these before it is handed over
+        return unfinished + (self.sender.waiting_prompts() if self.sender is not None else [])
+
+    def _unfinished(self) -> list[str]:
+        """Uids of the prompts not finished yet: queued, decoding, paused or in an incomplete group."""
         with self.step_lock:
-            waiting = self.sender.waiting_prompts() if self.sender is not None else []
-            return list(self.meta) + [p["uid"] for p in self.prompts.queue] + waiting
+            return list(self.meta) + [p["uid"] for p in self.prompts.queue]
 
     def hold(self) -> dict:
         """Stop decoding (after the current step); returns the snapshot of everything unfinished."""
@@ -282,7 +286,7 @@ class Generator:
         if self.thread is not None:
             self.thread.join(timeout=10)
         fates = self.take_fates()
-        fates.update({uid: "unfinished" for uid in self.holding()})
+        fates.update({uid: "unfinished" for uid in self._unfinished()})  # what is sent gets its fate downstream
         return {**self.stats(), "fates": fates}
 
     # -- decode thread -------------------------------------------------------------
