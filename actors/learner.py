@@ -342,14 +342,14 @@ class Learner:
         # a rank with nothing to learn still joins FSDP's collectives, with a zero-weighted loss
         joins_only = not informative and world_size() > 1
         batch = self._collate(rest or groups) if rest or joins_only else None
-        local_count = sum(accumulated.counts) + (self.trainer.aggregation_count(batch) if rest else 0)
+        batch_count = self.trainer.aggregation_count(batch) if batch is not None else 0.0
+        local_count = sum(accumulated.counts) + (batch_count if rest else 0)
         (global_count,) = all_reduce_sum([local_count])
         if global_count == 0:
             self._forget_accumulated()
             return {}
         if batch is not None:
-            accumulated.add(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0),
-                            self.trainer.aggregation_count(batch))
+            accumulated.add(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0), batch_count)
         stats = {**merge_loss_stats(accumulated.parts), "micro_batches": len(accumulated.parts),
                  "loss": self.trainer.step_loss(accumulated.losses())}
         stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, global_count))
