@@ -378,7 +378,8 @@ def run(cfg: Config, argv: list[str], log) -> int:
             log.error("{}", err)
         finally:
             final = recorder.take_spans(stop_system(system))
-            extra = {"actors": final, "weight_path": system.weight_path, "faults": sup.report() if sup else []}
+            extra = {"actors": final, "weight_path": system.weight_path, "cores": system.cores,
+                     "faults": sup.report() if sup else []}
             if sup:
                 sup.settle_reported(final)
                 extra["samples"] = sup.ledger.totals()

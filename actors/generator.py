@@ -31,7 +31,7 @@ from comm.addresses import bind_address, pin_gloo_interface
 from comm.auth import ChannelKeys
 from comm.channel import BackgroundSender
 from comm.logs import setup_logging
-from comm.placement import Placement, cast_parameters, compute_dtype, place_here
+from comm.placement import BindsCores, Placement, cast_parameters, compute_dtype, place_here
 from comm.weights import WeightSubscriber, init_weight_group
 from comm.wire import Trajectory
 from conf.schema import Config
@@ -43,7 +43,7 @@ IDLE_WAIT_S = 0.05
 
 
 @ray.remote
-class Generator:
+class Generator(BindsCores):
     def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
         self.cfg, self.rank, self.keys = cfg, rank, keys
         self.log = setup_logging("generator", rank)

@@ -33,6 +33,7 @@ from comm.addresses import bind_address
 from comm.auth import ChannelKeys, endpoint_host
 from comm.channel import TrajectoryReceiver, TrajectorySender
 from comm.logs import setup_logging
+from comm.placement import BindsCores
 from comm.wire import Trajectory
 from conf.schema import Config
 
@@ -41,7 +42,7 @@ DRAIN_QUIET_S = 1.0  # at stop: a second without arrivals means nothing is left 
 
 
 @ray.remote
-class Judge:
+class Judge(BindsCores):
     def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
         self.cfg, self.rank, self.keys = cfg, rank, keys
         self.name = f"judge-{rank}"

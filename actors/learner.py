@@ -40,7 +40,7 @@ from comm.auth import ChannelKeys
 from comm.channel import TrajectoryReceiver
 from comm.logs import setup_logging
 from actors.ledger import root_of
-from comm.placement import Placement, compute_dtype, place_here
+from comm.placement import BindsCores, Placement, compute_dtype, place_here
 from comm.weights import WeightPublisher, free_port, init_weight_group
 from comm.wire import decode_group, encode_group
 from conf.schema import Config
@@ -77,7 +77,7 @@ class Accumulated:
 
 
 @ray.remote
-class Learner:
+class Learner(BindsCores):
     def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
         self.cfg, self.rank, self.keys = cfg, rank, keys
         self.log = setup_logging("learner", rank)

@@ -24,7 +24,7 @@ from actors.judge import Judge
 from actors.learner import Learner
 from comm.addresses import channel_hosts
 from comm.auth import ChannelKeys, run_keys
-from comm.placement import weight_path, wire_dtype
+from comm.placement import SHARED, core_plan, weight_path, wire_dtype
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
@@ -51,6 +51,7 @@ class System:
     judge_endpoints: dict = field(default_factory=dict)  # judge name -> the endpoint it bound and reported
     weight_store: tuple[str, int] = ("", 0)          # rendezvous store of the current weight group
     weight_path: str = ""                            # how weights travel: gloo | nccl | cupy-nccl | cuda-ipc
+    cores: dict = field(default_factory=dict)        # actor name -> the CPU cores it is bound to (ray.bind_cores)
 
     @property
     def learner(self):
@@ -187,9 +188,37 @@ def form_weight_group(system: System) -> None:
 
 
 def start_generators(system: System, names: list[str] | None = None) -> None:
-    """Start decoding on the generators `names` (default all) towards the judges."""
+    """Start decoding on the generators `names` (default all) towards the judges, with every actor
+    bound to its cores first where `ray.bind_cores` asks for it."""
     names = names or list(system.generators)
+    if system.cfg.ray.bind_cores:
+        bind_cores(system)
     call({name: system.generators[name].start.remote(list(system.judge_endpoints.values())) for name in names})
+
+
+def bind_cores(system: System) -> None:
+    """On each machine with CPU generators, each of them to cores of its own (as many as its torch
+    threads) and every other actor there to the rest (comm.placement.core_plan); a machine where
+    that leaves no core for the rest is left to the OS (logged)."""
+    named = system.named()
+    hosts = call({name: actor.host_cores.remote() for name, actor in named.items()})
+    on_cpu = [name for name, placement in call({name: g.placement_info.remote() for name, g in
+                                                system.generators.items()}).items() if not placement.on_cuda]
+    for host in sorted({host for host, _ in hosts.values()}):
+        here = [name for name in named if hosts[name][0] == host]
+        generators = {name: system.cfg.generator.torch_threads for name in on_cpu if name in here}
+        if not generators:
+            continue
+        cores = set(hosts[here[0]][1])  # empty where the OS cannot bind threads
+        plan = core_plan(cores, generators)
+        if plan is None:
+            logger.warning("{}: {} generator thread(s) would leave none of its {} bindable cores for the other actors: "
+                           "cores left to the OS", host, sum(generators.values()), len(cores))
+            continue
+        system.cores.update(call({name: named[name].bind_cores.remote(sorted(plan.get(name, plan[SHARED])))
+                                  for name in here}))
+    if system.cores:
+        logger.info("cores: {}", "; ".join(f"{name} {cores}" for name, cores in system.cores.items()))
 
 
 def async_sync_weights(system: System, resend: bool = False) -> dict:

@@ -13,8 +13,13 @@ rank's tensors live (never from `torch.cuda.is_available()` alone):
 
 Compute dtypes: bf16 weights and activations on CUDA (the learner keeps float32 master
 weights under autocast), float32 on CPU, where bf16 matmul is far slower.
+
+CPU cores (`ray.bind_cores`): on each machine, a CPU generator's process is bound to cores of its
+own and every other actor there to the rest (`core_plan`, `BindsCores`).
 """
 import importlib.util
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -115,3 +120,43 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
         if param.is_floating_point():
             param.data = param.data.to(dtype)
     return model
+
+
+SHARED = "shared"  # core_plan's key for the cores of every actor that is not a CPU generator
+START_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+
+
+def core_plan(cores: set[int], generators: dict[str, int]) -> dict[str, set[int]] | None:
+    """The cores of one machine for each of its CPU `generators` ({name: torch threads}, in rank
+    order) and, under SHARED, for every other actor there; None where the generators would leave
+    no core for the rest.
+
+    A CPU generator's decode thread bounds an asynchronous run (the learner has slack). Left to
+    the OS, the learner, the judges and the actors' helper threads preempt it now and then; with
+    cores of its own it never waits for one, and the others share the rest.
+    """
+    ordered = sorted(cores)
+    if sum(generators.values()) >= len(ordered):
+        return None
+    plan, first = {}, 0
+    for name, threads in generators.items():
+        plan[name], first = set(ordered[first : first + threads]), first + threads
+    plan[SHARED] = set(ordered[first:])
+    return plan
+
+
+class BindsCores:
+    """Actor methods for `ray.bind_cores` (mixed into the Ray actor classes)."""
+
+    def host_cores(self) -> tuple[str, list[int]]:
+        """This machine's host name and the cores this process could use when it started."""
+        return socket.gethostname(), sorted(START_CORES)
+
+    def bind_cores(self, cores: list[int]) -> list[int]:
+        """Bind every thread of this process to `cores` (threads started later inherit it)."""
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+        return sorted(os.sched_getaffinity(0))

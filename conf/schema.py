@@ -124,10 +124,11 @@ class LearnerConfig:
                                 "generators idle (0: this node's cores divided by learner.num; bench/mfu.py on 2 "
                                 "cores: a tiny-model learner step 2.1x, a small-model one 1.6x faster on 2 threads)")
     recv_timeout_s: float = _f(120.0, "longest wait for trajectories before the step fails")
-    stream_groups: int = _f(4, "groups per micro-batch a learner computes (forward and backward) while the rest "
+    stream_groups: int = _f(8, "groups per micro-batch a learner computes (forward and backward) while the rest "
                                "of its batch arrives, so that only the last micro-batch and the optimizer step "
-                               "follow the last group (0: the whole batch once it is in). One learner rank, "
-                               "batches of prompts_per_step: sharded learners and C3PO++ rounds take their "
+                               "follow the last group (0: the whole batch once it is in). 8 groups train as fast "
+                               "as whole batches, 4 about 8% slower (bench/RESULTS.md, fifth pass). One learner "
+                               "rank, batches of prompts_per_step: sharded learners and C3PO++ rounds take their "
                                "batch at once")
     mtp_loss_weight: float = _f(0.3, "weight of the MTP loss in supervised warm-up steps")
 
@@ -180,6 +181,10 @@ class RayConfig:
     placement: str = _f("pack", "pack: Ray fills a node before the next; spread: each role's actors over as many "
                                 "nodes as it can")
     start_timeout_s: float = _f(30.0, "longest the actors may wait to be placed before the run stops, naming them")
+    bind_cores: bool = _f(True, "when RL starts, bind each CPU generator to cores of its own (generator.torch_threads "
+                                "each) and the other actors on its machine to the rest, so that their threads do "
+                                "not take the decode thread's core (bench/RESULTS.md, sixth pass); a machine whose "
+                                "generators would leave no core for the rest is left to the OS")
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Placement: each actor's device, the weight path for every combination of devices, and the
-GPU settings refused before any actor starts."""
+"""Placement: each actor's device, the weight path for every combination of devices, the GPU
+settings refused before any actor starts, and the CPU cores each actor is bound to."""
+import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from comm.placement import Placement, cast_parameters, compute_dtype, place, weight_path, wire_dtype
+from comm.placement import (SHARED, Placement, cast_parameters, compute_dtype, core_plan, place,
+                            weight_path, wire_dtype)
 from conf.load import ConfigError, load_config, resolve_gpus
 from tests.conftest import REPO_ROOT
 from tests.test_model import tiny_model
@@ -50,6 +53,41 @@ def test_actor_device_from_its_setting_and_its_grant():
         place("learner-0", "cuda", "n", [], cuda_usable=False, has_cupy=False)
     with pytest.raises(RuntimeError, match=r"generator-1 was granted GPU 3 but this torch build cannot use CUDA"):
         place("generator-1", "auto", "n", ["3"], cuda_usable=False, has_cupy=False)
+
+
+@pytest.mark.parametrize("cores, generators, plan", [
+    ({0, 1}, {"generator-0": 1}, {"generator-0": {0}, SHARED: {1}}),
+    ({4, 9, 2, 7}, {"generator-0": 1, "generator-1": 2}, {"generator-0": {2}, "generator-1": {4, 7}, SHARED: {9}}),
+    (set(range(16)), {"generator-0": 2}, {"generator-0": {0, 1}, SHARED: set(range(2, 16))}),
+    ({0, 1}, {"generator-0": 1, "generator-1": 1}, None),  # nothing left for the learner and the judges
+    ({0, 1}, {"generator-0": 2}, None),
+])
+def test_each_cpu_generator_gets_cores_of_its_own_and_the_rest_share_the_others(cores, generators, plan):
+    assert core_plan(cores, generators) == plan
+
+
+BINDING_SCRIPT = """
+import json, os, sys, threading
+from comm.placement import BindsCores
+stop, later = threading.Event(), []
+early = threading.Thread(target=stop.wait)
+early.start()
+bound = BindsCores().bind_cores([int(sys.argv[1])])
+late = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
+late.start()
+late.join()
+print(json.dumps({"bound": bound, "early": sorted(os.sched_getaffinity(early.native_id)), "later": later[0]}))
+stop.set()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and 2 cores")
+def test_binding_reaches_the_threads_a_process_has_and_those_it_starts_later():
+    core = max(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", BINDING_SCRIPT, str(core)], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True)
+    assert json.loads(out.stdout) == {"bound": [core], "early": [core], "later": [core]}
 
 
 def test_inference_cast_keeps_buffers_float32():
