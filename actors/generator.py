@@ -92,6 +92,7 @@ class Generator(BindsCores):
         self.thread: threading.Thread | None = None
         self.judge_endpoints: list[str] = []  # where the sender thread sends groups
         self.sender: BackgroundSender | None = None  # the decode thread's, once it runs
+        self.decode_cores: list[int] = []  # ray.bind_cores: the decode thread's own cores ([]: not bound)
         self.clock = PhaseClock()
         self.metrics = ActorMetrics("generator", f"generator-{rank}")
         self.last_reading = (time.monotonic(), 0)  # (when, generated tokens) at the last stats()
@@ -122,6 +123,13 @@ class Generator(BindsCores):
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"generator-{self.rank}-decode")
         self.thread.start()
+
+    def bind_decode_thread(self, cores: list[int]) -> None:
+        """ray.bind_cores: the decode thread runs on `cores` (from its start, or now if it runs); call
+        after `bind_cores`, which binds every thread of the process to the shared cores."""
+        self.decode_cores = cores
+        if self.thread is not None and self.thread.is_alive():
+            os.sched_setaffinity(self.thread.native_id, cores)
 
     def submit(self, prompts: list[dict]) -> None:
         """Queue admitted prompts; each becomes group_size rollouts.
@@ -267,7 +275,7 @@ class Generator(BindsCores):
                  "peak_flops": self.peak_flops, "phases": self.clock.seconds(), "spans": self.clock.take_spans(),
                  "version": self.engine.version, "first_group_sent_at": self.first_group_sent_at,
                  "queued_prompts": self.prompts.qsize(), "active": self.engine.num_active,
-                 "paused_now": len(self.paused)}
+                 "paused_now": len(self.paused), "decode_cores": self.decode_cores}
         self._publish_metrics(stats)
         return stats
 
@@ -296,6 +304,9 @@ class Generator(BindsCores):
         self.sender = sender = BackgroundSender(lambda: self.judge_endpoints, self.cfg.comm.hwm,
                                                 self.cfg.comm.send_timeout_s, keys=self.keys,
                                                 name=f"generator-{self.rank}-send")
+        if self.decode_cores:  # after the sender's thread started: it stays on the shared cores
+            os.sched_setaffinity(0, self.decode_cores)
+            self.decode_cores = sorted(os.sched_getaffinity(0))  # as the OS has it, for stats()
         try:
             while not self.stopping.is_set():
                 sender.raise_if_failed()  # groups it could not send are lost: the generator fails

@@ -11,6 +11,7 @@ just leaves the pool. The order of `system.generators` gives their weight-group 
 """
 import secrets
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from actors.judge import Judge
 from actors.learner import Learner
 from comm.addresses import channel_hosts
 from comm.auth import ChannelKeys, run_keys
-from comm.placement import SHARED, core_plan, weight_path, wire_dtype
+from comm.placement import SHARED, bind_threads, core_plan, weight_path, wire_dtype
 from conf.schema import Config
 
 STOP_TIMEOUT_S = 30
@@ -51,7 +52,7 @@ class System:
     judge_endpoints: dict = field(default_factory=dict)  # judge name -> the endpoint it bound and reported
     weight_store: tuple[str, int] = ("", 0)          # rendezvous store of the current weight group
     weight_path: str = ""                            # how weights travel: gloo | nccl | cupy-nccl | cuda-ipc
-    cores: dict = field(default_factory=dict)        # actor name -> the CPU cores it is bound to (ray.bind_cores)
+    cores: dict = field(default_factory=dict)        # ray.bind_cores: actor (or decode thread, driver) -> its cores
 
     @property
     def learner(self):
@@ -197,9 +198,10 @@ def start_generators(system: System, names: list[str] | None = None) -> None:
 
 
 def bind_cores(system: System) -> None:
-    """On each machine with CPU generators, each of them to cores of its own (as many as its torch
-    threads) and every other actor there to the rest (comm.placement.core_plan); a machine where
-    that leaves no core for the rest is left to the OS (logged)."""
+    """On each machine with CPU generators: each one's decode thread to cores of its own (as many as
+    its torch threads), every other thread of the actors there, and of the driver (for the rest of
+    its run) if it is there, to the rest (comm.placement.core_plan). A machine where that leaves no
+    core for the rest is left to the OS (logged)."""
     named = system.named()
     hosts = call({name: actor.host_cores.remote() for name, actor in named.items()})
     on_cpu = [name for name, placement in call({name: g.placement_info.remote() for name, g in
@@ -215,8 +217,12 @@ def bind_cores(system: System) -> None:
             logger.warning("{}: {} generator thread(s) would leave none of its {} bindable cores for the other actors: "
                            "cores left to the OS", host, sum(generators.values()), len(cores))
             continue
-        system.cores.update(call({name: named[name].bind_cores.remote(sorted(plan.get(name, plan[SHARED])))
-                                  for name in here}))
+        shared = sorted(plan[SHARED])
+        system.cores.update(call({name: named[name].bind_cores.remote(shared) for name in here}))
+        call({name: named[name].bind_decode_thread.remote(sorted(plan[name])) for name in generators})
+        system.cores.update({f"{name} decode thread": sorted(plan[name]) for name in generators})
+        if host == socket.gethostname():
+            system.cores["driver"] = bind_threads(shared)
     if system.cores:
         logger.info("cores: {}", "; ".join(f"{name} {cores}" for name, cores in system.cores.items()))
 

@@ -14,8 +14,9 @@ rank's tensors live (never from `torch.cuda.is_available()` alone):
 Compute dtypes: bf16 weights and activations on CUDA (the learner keeps float32 master
 weights under autocast), float32 on CPU, where bf16 matmul is far slower.
 
-CPU cores (`ray.bind_cores`): on each machine, a CPU generator's process is bound to cores of its
-own and every other actor there to the rest (`core_plan`, `BindsCores`).
+CPU cores (`ray.bind_cores`): on each machine, a CPU generator's decode thread is bound to cores
+of its own and every other thread there (the actors', the driver's) to the rest (`core_plan`,
+`bind_threads`, `BindsCores`).
 """
 import importlib.util
 import os
@@ -127,13 +128,13 @@ START_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffini
 
 
 def core_plan(cores: set[int], generators: dict[str, int]) -> dict[str, set[int]] | None:
-    """The cores of one machine for each of its CPU `generators` ({name: torch threads}, in rank
-    order) and, under SHARED, for every other actor there; None where the generators would leave
-    no core for the rest.
+    """The cores of one machine for the decode thread of each of its CPU `generators` ({name: torch
+    threads}, in rank order) and, under SHARED, for every other thread there; None where the
+    generators would leave no core for the rest.
 
     A CPU generator's decode thread bounds an asynchronous run (the learner has slack). Left to
-    the OS, the learner, the judges and the actors' helper threads preempt it now and then; with
-    cores of its own it never waits for one, and the others share the rest.
+    the OS, the learner, the judges, the driver and the actors' RPC and sender threads take its
+    core now and then; with cores of its own it does not wait for one.
     """
     ordered = sorted(cores)
     if sum(generators.values()) >= len(ordered):
@@ -145,6 +146,17 @@ def core_plan(cores: set[int], generators: dict[str, int]) -> dict[str, set[int]
     return plan
 
 
+def bind_threads(cores: list[int]) -> list[int]:
+    """Bind every thread of this process to `cores` (threads started later inherit it from the thread
+    that starts them); returns the calling thread's cores."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+    return sorted(os.sched_getaffinity(0))
+
+
 class BindsCores:
     """Actor methods for `ray.bind_cores` (mixed into the Ray actor classes)."""
 
@@ -153,10 +165,4 @@ class BindsCores:
         return socket.gethostname(), sorted(START_CORES)
 
     def bind_cores(self, cores: list[int]) -> list[int]:
-        """Bind every thread of this process to `cores` (threads started later inherit it)."""
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(tid), cores)
-            except ProcessLookupError:  # the thread ended meanwhile
-                pass
-        return sorted(os.sched_getaffinity(0))
+        return bind_threads(cores)

@@ -68,11 +68,11 @@ def test_each_cpu_generator_gets_cores_of_its_own_and_the_rest_share_the_others(
 
 BINDING_SCRIPT = """
 import json, os, sys, threading
-from comm.placement import BindsCores
+from comm.placement import bind_threads
 stop, later = threading.Event(), []
 early = threading.Thread(target=stop.wait)
 early.start()
-bound = BindsCores().bind_cores([int(sys.argv[1])])
+bound = bind_threads([int(sys.argv[1])])
 late = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
 late.start()
 late.join()
