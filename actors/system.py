@@ -189,10 +189,11 @@ def form_weight_group(system: System) -> None:
 
 
 def start_generators(system: System, names: list[str] | None = None) -> None:
-    """Start decoding on the generators `names` (default all) towards the judges, with every actor
-    bound to its cores first where `ray.bind_cores` asks for it."""
+    """Start decoding on the generators `names` (default all) towards the judges; in async mode with
+    `ray.bind_cores`, every thread bound to its cores first (in sync mode the roles take turns, and
+    each may use every core)."""
     names = names or list(system.generators)
-    if system.cfg.ray.bind_cores:
+    if system.cfg.ray.bind_cores and system.cfg.algo.mode == "async":
         bind_cores(system)
     call({name: system.generators[name].start.remote(list(system.judge_endpoints.values())) for name in names})
 

@@ -181,11 +181,11 @@ class RayConfig:
     placement: str = _f("pack", "pack: Ray fills a node before the next; spread: each role's actors over as many "
                                 "nodes as it can")
     start_timeout_s: float = _f(30.0, "longest the actors may wait to be placed before the run stops, naming them")
-    bind_cores: bool = _f(True, "when RL starts, bind each CPU generator's decode thread to cores of its own "
-                                "(generator.torch_threads each) and every other thread of the actors and the driver "
-                                "on its machine to the rest, so that they do not take the decode thread's core "
-                                "(bench/RESULTS.md, sixth pass); a machine whose generators would leave no core for "
-                                "the rest is left to the OS")
+    bind_cores: bool = _f(True, "algo.mode=async: when RL starts, bind each CPU generator's decode thread to "
+                                "cores of its own (generator.torch_threads each) and every other thread of the "
+                                "actors and the driver on its machine to the rest, so that they do not take the "
+                                "decode thread's core (bench/RESULTS.md, sixth pass); a machine whose generators "
+                                "would leave no core for the rest is left to the OS")
 
 
 @dataclass

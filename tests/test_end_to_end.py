@@ -110,7 +110,7 @@ def assert_every_sample_accounted_for(summary: dict) -> None:
 
 @pytest.mark.parametrize("mode, warmup", [("algo.max_staleness=0", 100), ("algo.mode=sync", 0)])
 def test_synchronous_mode_has_zero_lag(tmp_path, mode, warmup):
-    """Also: RL straight from the initial policy (no warm-up) runs."""
+    """Also: RL straight from the initial policy (no warm-up) runs; sync mode binds no cores."""
     proc = run_ringrl(tmp_path, mode, f"learner.warmup_steps={warmup}", "run.steps=8")
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-3000:]
@@ -118,6 +118,8 @@ def test_synchronous_mode_has_zero_lag(tmp_path, mode, warmup):
     lags = {int(lag) for r in steps for lag in r.get("lag_histogram", {})}
     # from the initial policy every reward may be 0: all groups uninformative, nothing trained
     assert lags == {0} if warmup else lags <= {0}
+    if mode == "algo.mode=sync":  # ray.bind_cores binds async runs only: sync's roles take turns on every core
+        assert summary["cores"] == {}, summary["cores"]
     assert_every_sample_accounted_for(summary)
 
 
