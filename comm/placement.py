@@ -123,7 +123,7 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
-SHARED = "shared"  # core_plan's key for the cores of every actor that is not a CPU generator
+SHARED = "shared"  # core_plan's key for the cores of every thread but the CPU generators' decode threads
 START_CORES = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
 
 
