@@ -18,6 +18,7 @@ import msgpack
 import ray
 
 from actors.evaluation import evaluate_checkpoint, with_evaluated_run_overrides
+from actors.learner import RoundBatch
 from actors.ledger import Ledger
 from actors.record import MFU_ROLES, Recorder, make_run_dir
 from actors.status import Status
@@ -173,11 +174,11 @@ def admit(sup: Supervisor, task, progress: Progress) -> None:
     progress.cursor += groups
 
 
-def collect_batch(cfg: Config, sup: Supervisor, until_groups: int | None) -> None:
+def collect_batch(cfg: Config, sup: Supervisor, batch: RoundBatch | None) -> None:
     """Let the learners fill their buffers, a slice at a time, until every rank has its batch."""
     last_count, last_change = -1, time.monotonic()
     while True:
-        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, until_groups))
+        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, batch))
         sup.settle_reported(results)
         if all(r["ready"] for r in results.values()):
             return
@@ -189,8 +190,8 @@ def collect_batch(cfg: Config, sup: Supervisor, until_groups: int | None) -> Non
                                             f"at step {sup.step}")
 
 
-def train_step(sup: Supervisor, until_groups: int | None) -> dict:
-    results = sup.call(async_on_learners(sup.system, "train_step", until_groups))
+def train_step(sup: Supervisor, batch: RoundBatch | None) -> dict:
+    results = sup.call(async_on_learners(sup.system, "train_step", batch))
     sup.settle_reported(results)
     return results["learner-0"]
 
@@ -247,11 +248,11 @@ def train(cfg: Config, sup: Supervisor, progress: Progress, recorder: Recorder, 
         with recorder.timer("admit"):
             admit(sup, task, progress)
         with recorder.timer("round"):
-            until_groups = round_batch_end(cfg, sup, step)
+            batch = round_batch(cfg, sup, step)
         with recorder.timer("collect"):
-            collect_batch(cfg, sup, until_groups)
+            collect_batch(cfg, sup, batch)
         with recorder.timer("train"):
-            stats = train_step(sup, until_groups)
+            stats = train_step(sup, batch)
         with recorder.timer("weight_sync"):
             sync = sup.sync_weights()
         with recorder.timer("admit"):  # refill at once with what the step consumed: the new weights are out
@@ -298,18 +299,20 @@ def held_out_accuracy(cfg: Config, sup: Supervisor, prompts: list[dict], log) ->
     return accuracy(results)
 
 
-def round_batch_end(cfg: Config, sup: Supervisor, step: int) -> int | None:
-    """C3PO++: the learners receive until round `step` closes; the batch ends with the groups sent by then."""
+def round_batch(cfg: Config, sup: Supervisor, step: int) -> RoundBatch | None:
+    """C3PO++: the learners receive (and train on) round `step`'s groups until it closes; the
+    batch is every group sent by then."""
     if not (cfg.algo.round_token_budget and cfg.algo.mode == "async"):
         return None
     closes = async_on_generators(sup.system, "wait_rounds_closed", step + 1, cfg.learner.recv_timeout_s)
     while True:
-        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, None, list(closes.values())))
+        results = sup.call(async_on_learners(sup.system, "collect", COLLECT_SLICE_S, RoundBatch(step),
+                                             list(closes.values())))
         sup.settle_reported(results)
         if all(r["round_closed"] for r in results.values()):
             break
     closed = sup.call(closes)  # a generator that failed meanwhile is named (and dealt with) here
-    return sum(sent for sent in closed.values() if sent is not None)
+    return RoundBatch(step, sum(sent for sent in closed.values() if sent is not None))
 
 
 def pool_totals(counters: dict) -> dict:

@@ -481,7 +481,7 @@ class Generator(BindsCores):
             behavior_logprobs=np.asarray(rollout.behavior_logprobs, dtype=np.float32),
             policy_version=np.asarray(rollout.policy_versions, dtype=np.int32),
             finish_reason=rollout.finish_reason, task_meta=prompt["meta"],
-            timings={"finished_at": time.time()}, routed_experts=routed)
+            timings={"finished_at": time.time()}, routed_experts=routed, round=self.rounds_closed)
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:

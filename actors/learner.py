@@ -14,7 +14,9 @@ trained on by `train_step`. While it waits, a lone learner computes the gradient
 batch's groups that have arrived, `learner.stream_groups` at a time, so that once the
 last group is in only its micro-batch and the optimizer step are left (see
 `learner/trainer.py`): the new weights go out sooner, and the generators, which may not
-run more than max_staleness versions ahead, wait less for them. A group of a prompt this
+run more than max_staleness versions ahead, wait less for them. A C3PO++ batch is every
+group sent in the rounds up to the step's (each group names its round), so its groups
+are streamed from the first, before the round has closed. A group of a prompt this
 learner has already consumed (a re-issued copy, see actors/ledger.py) is dropped as
 `duplicate`: nothing is trained twice. The buffer and the consumed prompts are part of
 the checkpoint.
@@ -76,6 +78,14 @@ class Accumulated:
         return [(stats["loss"], count) for stats, count in zip(self.parts, self.counts)]
 
 
+@dataclass(frozen=True)
+class RoundBatch:
+    """A C3PO++ batch: every group the generators sent in rounds 0..`last_round`. `groups` is
+    how many they sent in all, since the start; known once the round closed, None before."""
+    last_round: int
+    groups: int | None = None
+
+
 @ray.remote
 class Learner(BindsCores):
     def __init__(self, cfg: Config, rank: int, keys: ChannelKeys | None = None):
@@ -97,8 +107,8 @@ class Learner(BindsCores):
         self.counters: Counter = Counter()
         self.receiver: TrajectoryReceiver | None = None
         self.publisher: WeightPublisher | None = None
-        self.buffer: list[tuple[int, list]] = []  # (arrival ordinal, group) received, not yet trained
-        self.received = 0                         # groups received since the start (C3PO++ rounds)
+        self.buffer: list[list] = []              # groups received, not yet trained, in arrival order
+        self.received_by_round: Counter = Counter()  # C3PO++ round -> groups received since the start
         self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
         self.accumulated = Accumulated()          # of the batch at the buffer's head
         self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
@@ -205,47 +215,46 @@ class Learner(BindsCores):
             gather_the_rest()
             raise
 
-    def collect(self, wait_s: float, until_groups: int | None = None, round_closes: list | None = None) -> dict:
+    def collect(self, wait_s: float, batch: RoundBatch | None = None, round_closes: list | None = None) -> dict:
         """Receive into the buffer for up to `wait_s`, returning early once the batch is ready.
 
-        The batch is this rank's share of prompts_per_step groups, or with C3PO++ rounds
-        every group up to the `until_groups`-th received since the start. Before the round that
-        ends the batch has closed, the driver passes `round_closes` instead: its calls to the
-        generators that return as each closes the round (which tell where the batch ends). The
-        rank then receives until they have all returned, so the wait for the round is this
-        rank's wait for its batch, and the groups that arrive meanwhile are decoded meanwhile.
-        Returns {"ready", "round_closed" (with `round_closes`), "buffered": prompt uids now
-        buffered, "fates": taken since last time}. Micro-batches computed meanwhile count as
-        `training`, the rest as `waiting`.
+        The batch is this rank's share of prompts_per_step groups, or with C3PO++ rounds the
+        `batch` of groups sent up to its round. Before that round has closed, the driver passes
+        `round_closes`: its calls to the generators that return as each closes the round (which
+        tell how many groups the batch has). The rank then receives until they have all
+        returned, so the wait for the round is this rank's wait for its batch, and the groups
+        that arrive meanwhile are decoded and trained on meanwhile. Returns {"ready",
+        "round_closed" (with `round_closes`), "buffered": prompt uids now buffered, "fates":
+        taken since last time}. Micro-batches computed meanwhile count as `training`, the rest
+        as `waiting`.
         """
         deadline = time.monotonic() + wait_s
-        if round_closes is not None:
-            with self.clock.phase("waiting"):
-                closed = self._receive_until(deadline, lambda: _all_returned(round_closes), ROUND_POLL_S)
-            return {"ready": False, "round_closed": closed, "buffered": self.buffered_uids(), "fates": self.take_fates()}
+        if round_closes is None:
+            done, poll_s = (lambda: self._batch_ready(batch)), wait_s
+        else:
+            done, poll_s = (lambda: _all_returned(round_closes)), ROUND_POLL_S
         while True:
             with self.clock.phase("waiting"):
-                self._receive_until(deadline, poll_s=wait_s,
-                                    done=lambda: self._batch_ready(until_groups) or self._micro_batch(until_groups))
-            micro_batch = self._micro_batch(until_groups)
+                self._receive_until(deadline, lambda: done() or self._micro_batch(batch), poll_s)
+            micro_batch = self._micro_batch(batch)
             if not micro_batch:
                 break
             with self.clock.phase("training"):
                 self._accumulate(micro_batch)
-        return {"ready": self._batch_ready(until_groups), "buffered": self.buffered_uids(),
-                "fates": self.take_fates()}
+        result = {"ready": self._batch_ready(batch), "buffered": self.buffered_uids(), "fates": self.take_fates()}
+        if round_closes is not None:
+            result["round_closed"] = done()
+        return result
 
-    def _micro_batch(self, until_groups: int | None) -> list:
+    def _micro_batch(self, batch: RoundBatch | None) -> list:
         """The next `learner.stream_groups` groups of the batch being collected, once all are in
-        (fewer at the batch's end); none when streaming is off. A C3PO++ batch ends where its
-        round closes, known only then, and sharded ranks must make FSDP's collectives together,
-        so both take their batch at once."""
+        (fewer at the batch's end); none when streaming is off. Sharded ranks must make FSDP's
+        collectives together, so they take their batch at once."""
         size = self.cfg.learner.stream_groups
-        if not size or until_groups is not None or world_size() > 1:
+        if not size or world_size() > 1:
             return []
-        batch = [group for _, group in self.buffer[:self.cfg.algo.prompts_per_step]]
-        pending = [group for group in batch if group[0].prompt_uid not in self.accumulated.uids]
-        return pending[:size] if len(pending) >= size or len(batch) == self.cfg.algo.prompts_per_step else []
+        pending = [group for group in self._buffered_batch(batch) if group[0].prompt_uid not in self.accumulated.uids]
+        return pending[:size] if len(pending) >= size or self._batch_ready(batch) else []
 
     def _receive_until(self, deadline: float, done, poll_s: float) -> bool:
         """Buffer groups until `done()` (looked at after each group, and at least every `poll_s`)
@@ -267,42 +276,47 @@ class Learner(BindsCores):
         return {"buffered": self.buffered_uids(), "fates": self.take_fates()}
 
     def buffered_uids(self) -> list[str]:
-        return [group[0].prompt_uid for _, group in self.buffer]
+        return [group[0].prompt_uid for group in self.buffer]
 
     def take_fates(self) -> dict[str, str]:
         fates, self.fates = self.fates, {}
         return fates
 
     def _buffer(self, group: list) -> None:
-        self.received += 1
+        self.received_by_round[group[0].round] += 1
         root = root_of(group[0].prompt_uid)
         if root in self.consumed_roots or root in {root_of(uid) for uid in self.buffered_uids()}:
             self.counters["dropped_duplicate"] += len(group)
             self.fates[group[0].prompt_uid] = "duplicate"
             return
-        self.buffer.append((self.received, group))
+        self.buffer.append(group)
 
-    def _batch_ready(self, until_groups: int | None) -> bool:
-        if until_groups is None:
+    def _buffered_batch(self, batch: RoundBatch | None) -> list:
+        """The buffered groups of the batch being collected, in arrival order."""
+        if batch is None:
+            return self.buffer[:self.cfg.algo.prompts_per_step // self.cfg.learner.num]
+        return [group for group in self.buffer if group[0].round <= batch.last_round]
+
+    def _batch_ready(self, batch: RoundBatch | None) -> bool:
+        if batch is None:
             return len(self.buffer) >= self.cfg.algo.prompts_per_step // self.cfg.learner.num
-        return self.received >= until_groups
+        received = sum(count for sent_in, count in self.received_by_round.items() if sent_in <= batch.last_round)
+        return batch.groups is not None and received >= batch.groups
 
-    def _take_batch(self, until_groups: int | None) -> list:
+    def _take_batch(self, batch: RoundBatch | None) -> list:
         """The batch's groups, out of the buffer, in prompt-uid order (reproducible sums when
         not streamed)."""
-        if until_groups is None:
-            count = self.cfg.algo.prompts_per_step // self.cfg.learner.num
-        else:
-            count = sum(ordinal <= until_groups for ordinal, _ in self.buffer)
-        taken, self.buffer = self.buffer[:count], self.buffer[count:]
-        return sorted((group for _, group in taken), key=lambda group: group[0].prompt_uid)
+        taken = self._buffered_batch(batch)
+        taken_ids = {id(group) for group in taken}
+        self.buffer = [group for group in self.buffer if id(group) not in taken_ids]
+        return sorted(taken, key=lambda group: group[0].prompt_uid)
 
     @timed("training")
-    def train_step(self, until_groups: int | None = None) -> dict:
+    def train_step(self, batch: RoundBatch | None = None) -> dict:
         """One IcePop step with the other ranks on the collected batch (none if it is empty)."""
-        if not self._batch_ready(until_groups):
+        if not self._batch_ready(batch):
             raise RuntimeError(f"learner-{self.rank}: train_step before the batch was collected")
-        groups = self._take_batch(until_groups)
+        groups = self._take_batch(batch)
         for group in groups:
             self.consumed_roots.add(root_of(group[0].prompt_uid))
         if not groups:
@@ -390,7 +404,7 @@ class Learner(BindsCores):
     def _drain(self) -> None:
         """At the end of a run: what is buffered or still arriving (until quiet) is dropped as `run_end`."""
         self.absorb(DRAIN_QUIET_S)
-        for _, group in self.buffer:
+        for group in self.buffer:
             self.counters["dropped_run_end"] += len(group)
             self.fates[group[0].prompt_uid] = "run_end"
         self.buffer = []
@@ -422,14 +436,16 @@ class Learner(BindsCores):
         if policy_only:
             return self.trainer.version
         state = msgpack.unpackb((path / f"learner-{self.rank}.msgpack").read_bytes())
-        self.buffer = [(ordinal, decode_group(frames)) for ordinal, frames in state["buffer"]]
-        self.received, self.consumed_roots = state["received"], set(state["consumed_roots"])
+        self.buffer = [decode_group(frames) for frames in state["buffer"]]
+        self.received_by_round = Counter(dict(state["received_by_round"]))
+        self.consumed_roots = set(state["consumed_roots"])
         self.counters.update(state["counters"])
         return self.trainer.version
 
     def _state(self) -> dict:
-        return {"buffer": [(ordinal, [bytes(frame) for frame in encode_group(group)]) for ordinal, group in self.buffer],
-                "received": self.received, "consumed_roots": sorted(self.consumed_roots),
+        return {"buffer": [[bytes(frame) for frame in encode_group(group)] for group in self.buffer],
+                "received_by_round": sorted(self.received_by_round.items()),
+                "consumed_roots": sorted(self.consumed_roots),
                 "counters": dict(self.counters)}
 
     def stop(self) -> dict:

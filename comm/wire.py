@@ -22,7 +22,7 @@ from math import prod
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `round`
 GROUP_KIND = "group"
 FINISH_REASONS = ("stop", "length", "aborted")
 TASK_META_VALUE_TYPES = (str, int, float, bool)
@@ -53,7 +53,7 @@ ARRAY_SPECS = {
     "policy_version": ArraySpec(("<i4",), ndim=1, per_token=True),
     "routed_experts": ArraySpec(("|u1", "<i2"), ndim=3, per_token=False, optional=True),
 }
-SCALAR_FIELDS = ("uid", "prompt_uid", "group", "finish_reason", "task_meta", "reward", "judge", "timings")
+SCALAR_FIELDS = ("uid", "prompt_uid", "group", "round", "finish_reason", "task_meta", "reward", "judge", "timings")
 RECORD_FIELDS = frozenset(SCALAR_FIELDS) | {"arrays"}
 
 
@@ -76,6 +76,9 @@ class Trajectory:
     # uint8 | int16 [P + C - 1, n_moe_layers, top_k]: the experts each input position was routed
     # to, for every position the generator fed through the model (prompt and all but the last token)
     routed_experts: np.ndarray | None = None
+    # C3PO++: the round during which the generator sent the group (rounds it had closed by then; 0
+    # when rounds are off). A round's training batch is every group sent in it and before.
+    round: int = 0
 
     @property
     def num_completion_tokens(self) -> int:
@@ -195,6 +198,7 @@ def _check_scalars(trajectory: Trajectory) -> None:
     for name in ("uid", "prompt_uid", "finish_reason"):
         _require(isinstance(getattr(trajectory, name), str), name, "a str")
     _require(_is_int(trajectory.group) and trajectory.group >= 0, "group", "a non-negative int")
+    _require(_is_int(trajectory.round) and trajectory.round >= 0, "round", "a non-negative int")
     if trajectory.finish_reason not in FINISH_REASONS:
         raise WireError("bad_finish_reason", f"{trajectory.finish_reason!r} not in {FINISH_REASONS}")
     _require(trajectory.reward is None or _is_real(trajectory.reward), "reward", "None or a number")

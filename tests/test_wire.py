@@ -15,6 +15,7 @@ def make_trajectory(group: int, completion_length: int, routed: bool = False) ->
         uid=f"p7-g{group}-r0",
         prompt_uid="p7",
         group=group,
+        round=group + 2,
         prompt_tokens=np.arange(5, dtype=np.int32) + 100,
         completion_tokens=rng.integers(0, 50_000, completion_length, dtype=np.int32),
         behavior_logprobs=-rng.random(completion_length, dtype=np.float32),
@@ -53,7 +54,7 @@ def test_round_trip_keeps_every_field_and_dtype():
     received = decode_group(frames)
     assert len(received) == len(sent)
     for got, want in zip(received, sent):
-        for name in ("uid", "prompt_uid", "group", "finish_reason", "task_meta", "reward", "judge", "timings"):
+        for name in ("uid", "prompt_uid", "group", "round", "finish_reason", "task_meta", "reward", "judge", "timings"):
             assert getattr(got, name) == getattr(want, name), name
         for name in ("prompt_tokens", "completion_tokens", "behavior_logprobs", "policy_version"):
             assert getattr(got, name).dtype == getattr(want, name).dtype, name
@@ -147,6 +148,9 @@ def test_bad_finish_reason_frame_index_and_field_types():
     assert_rejected(with_header(frames, header), "bad_frame_index")
     header = header_of(frames)
     header["trajectories"][0]["group"] = "zero"
+    assert_rejected(with_header(frames, header), "bad_field")
+    header = header_of(frames)
+    header["trajectories"][0]["round"] = -1
     assert_rejected(with_header(frames, header), "bad_field")
     assert_rejected(frames + [b"stray"], "bad_frame_index")
 

@@ -1,0 +1,83 @@
+"""C3PO++ batches on a real Learner actor fed over real ZeroMQ: a round's batch is the groups sent
+in it and before, whatever order they arrive in, and the learner computes them while the round
+is still running."""
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+import ray
+
+from actors.learner import Learner, RoundBatch
+from comm.channel import TrajectorySender
+from comm.wire import Trajectory
+from conf.load import load_config
+
+pytestmark = pytest.mark.timeout(240)
+
+GROUP_SIZE = 4
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=f"test-rounds-{uuid.uuid4().hex}")
+    yield
+    ray.shutdown()
+
+
+@ray.remote
+class RoundGate:
+    """Stands where a generator's `wait_rounds_closed` call stands: returns once the round closes."""
+
+    def __init__(self):
+        self.closed = asyncio.Event()
+
+    async def wait_closed(self) -> None:
+        await self.closed.wait()
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+def group(prompt_uid: str, sent_in_round: int, vocab: int, rng: np.random.Generator) -> list[Trajectory]:
+    """An informative group (rewards 1, 0, 1, 0) of short completions."""
+    prompt = rng.integers(3, vocab, 4, dtype=np.int32)
+    return [Trajectory(uid=f"{prompt_uid}/{i}", prompt_uid=prompt_uid, group=i, round=sent_in_round,
+                       prompt_tokens=prompt, completion_tokens=rng.integers(3, vocab, 6, dtype=np.int32),
+                       behavior_logprobs=np.full(6, -2.5, dtype=np.float32), policy_version=np.zeros(6, dtype=np.int32),
+                       finish_reason="stop", reward=float(i % 2 == 0))
+            for i in range(GROUP_SIZE)]
+
+
+def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_ray):
+    cfg = load_config(["comm.host=loopback", "algo.mode=async", "algo.round_token_budget=600",
+                       "run.on_actor_failure=stop", f"algo.group_size={GROUP_SIZE}", "learner.stream_groups=2"])
+    learner = Learner.options(num_cpus=0).remote(cfg, 0)
+    sender = TrajectorySender([ray.get(learner.setup.remote("127.0.0.1", 0))], cfg.comm.hwm, send_timeout_s=30)
+    rng = np.random.default_rng(0)
+    # a group of round 1 overtakes round 0's (another generator closed round 0 sooner, a faster judge)
+    for prompt_uid, sent_in in [("next", 1), ("a", 0), ("b", 0), ("c", 0), ("d", 0)]:
+        sender.send_group(group(prompt_uid, sent_in, cfg.model.vocab_size, rng))
+    gate = RoundGate.remote()
+    round_closes = [gate.wait_closed.remote()]
+
+    running = ray.get(learner.collect.remote(3.0, RoundBatch(0), round_closes))
+    assert not running["round_closed"] and not running["ready"]
+    assert sorted(running["buffered"]) == ["a", "b", "c", "d", "next"]
+    # both micro-batches of round 0 were computed before it closed
+    assert ray.get(learner.stats.remote())["phases"]["training"] > 0
+
+    ray.get(gate.close.remote())
+    assert ray.get(learner.collect.remote(3.0, RoundBatch(0), round_closes))["round_closed"]
+    round_0 = RoundBatch(0, groups=4)  # what the generators had sent when round 0 closed
+    assert ray.get(learner.collect.remote(3.0, round_0))["ready"]
+    step = ray.get(learner.train_step.remote(round_0))
+    assert step["fates"] == dict.fromkeys("abcd", "trained") and step["consumed"] == 4 * GROUP_SIZE
+    assert step["micro_batches"] == 2 and step["version"] == 1
+
+    round_1 = RoundBatch(1, groups=5)
+    assert ray.get(learner.collect.remote(3.0, round_1))["ready"]
+    step = ray.get(learner.train_step.remote(round_1))
+    assert step["fates"] == {"next": "trained"} and step["consumed"] == GROUP_SIZE and step["version"] == 2
+    sender.close()
+    ray.kill(learner)
