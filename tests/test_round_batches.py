@@ -1,6 +1,6 @@
 """C3PO++ batches on a real Learner actor fed over real ZeroMQ: a round's batch is the groups sent
-in it and before, whatever order they arrive in, and the learner computes them while the round
-is still running."""
+in it and before, whatever order they arrive in, the learner computes them while the round is
+still running, and a checkpoint keeps what it has received of the next round."""
 import asyncio
 import uuid
 
@@ -49,7 +49,7 @@ def group(prompt_uid: str, sent_in_round: int, vocab: int, rng: np.random.Genera
             for i in range(GROUP_SIZE)]
 
 
-def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_ray):
+def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_ray, tmp_path):
     cfg = load_config(["comm.host=loopback", "algo.mode=async", "algo.round_token_budget=600",
                        "run.on_actor_failure=stop", f"algo.group_size={GROUP_SIZE}", "learner.stream_groups=2"])
     learner = Learner.options(num_cpus=0).remote(cfg, 0)
@@ -75,9 +75,15 @@ def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_
     assert step["fates"] == dict.fromkeys("abcd", "trained") and step["consumed"] == 4 * GROUP_SIZE
     assert step["micro_batches"] == 2 and step["version"] == 1
 
-    round_1 = RoundBatch(1, groups=5)
-    assert ray.get(learner.collect.remote(3.0, round_1))["ready"]
-    step = ray.get(learner.train_step.remote(round_1))
-    assert step["fates"] == {"next": "trained"} and step["consumed"] == GROUP_SIZE and step["version"] == 2
+    ray.get(learner.save.remote(str(tmp_path)))
     sender.close()
     ray.kill(learner)
+
+    resumed = Learner.options(num_cpus=0).remote(cfg, 0)
+    ray.get(resumed.setup.remote("127.0.0.1", 0))
+    assert ray.get(resumed.load.remote(str(tmp_path))) == 1
+    round_1 = RoundBatch(1, groups=5)
+    assert ray.get(resumed.collect.remote(3.0, round_1))["ready"]
+    step = ray.get(resumed.train_step.remote(round_1))
+    assert step["fates"] == {"next": "trained"} and step["consumed"] == GROUP_SIZE and step["version"] == 2
+    ray.kill(resumed)
