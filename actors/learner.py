@@ -110,7 +110,7 @@ class Learner(BindsCores):
         self.buffer: list[list] = []              # groups received, not yet trained, in arrival order
         self.received_by_round: Counter = Counter()  # C3PO++ round -> groups received since the start
         self.consumed_roots: set[str] = set()     # prompts trained on or found uninformative
-        self.accumulated = Accumulated()          # of the batch at the buffer's head
+        self.accumulated = Accumulated()          # of the batch being collected
         self.fates: dict[str, str] = {}           # prompt uid -> fate, until the driver takes them
         self.clock = PhaseClock(rest="between_calls")  # waiting for a batch, training, publishing
         self.metrics = ActorMetrics("learner", f"learner-{rank}")
