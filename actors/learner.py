@@ -294,12 +294,16 @@ class Learner(BindsCores):
     def _buffered_batch(self, batch: RoundBatch | None) -> list:
         """The buffered groups of the batch being collected, in arrival order."""
         if batch is None:
-            return self.buffer[:self.cfg.algo.prompts_per_step // self.cfg.learner.num]
+            return self.buffer[:self._share()]
         return [group for group in self.buffer if group[0].round <= batch.last_round]
+
+    def _share(self) -> int:
+        """Groups per step of this rank, without C3PO++ rounds."""
+        return self.cfg.algo.prompts_per_step // self.cfg.learner.num
 
     def _batch_ready(self, batch: RoundBatch | None) -> bool:
         if batch is None:
-            return len(self.buffer) >= self.cfg.algo.prompts_per_step // self.cfg.learner.num
+            return len(self.buffer) >= self._share()
         received = sum(count for sent_in, count in self.received_by_round.items() if sent_in <= batch.last_round)
         return batch.groups is not None and received >= batch.groups
 

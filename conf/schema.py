@@ -127,9 +127,9 @@ class LearnerConfig:
     stream_groups: int = _f(8, "groups per micro-batch a learner computes (forward and backward) while the rest "
                                "of its batch arrives, so that only the last micro-batch and the optimizer step "
                                "follow the last group (0: the whole batch once it is in). 8 groups train as fast "
-                               "as whole batches, 4 about 8% slower (bench/RESULTS.md, fifth pass). One learner "
-                               "rank, batches of prompts_per_step: sharded learners and C3PO++ rounds take their "
-                               "batch at once")
+                               "as whole batches, 4 about 8% slower (bench/RESULTS.md, fifth pass). A C3PO++ batch "
+                               "streams while its round runs; sharded learners (learner.num > 1) take their batch "
+                               "at once")
     mtp_loss_weight: float = _f(0.3, "weight of the MTP loss in supervised warm-up steps")
 
 
