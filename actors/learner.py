@@ -362,15 +362,17 @@ class Learner(BindsCores):
         batch = self._collate(rest or groups) if rest or joins_only else None
         batch_count = self.trainer.aggregation_count(batch) if batch is not None else 0.0
         local_count = sum(accumulated.counts) + (batch_count if rest else 0)
-        (global_count,) = all_reduce_sum([local_count])
-        if global_count == 0:
+        kept = {id(group) for group in informative}
+        uninformative = self.trainer.uninformative_count([group for group in groups if id(group) not in kept])
+        trained_count, divisor = all_reduce_sum([local_count, local_count + uninformative])
+        if trained_count == 0:
             self._forget_accumulated()
             return {}
         if batch is not None:
             accumulated.add(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0), batch_count)
         stats = {**merge_loss_stats(accumulated.parts), "micro_batches": len(accumulated.parts),
-                 "loss": self.trainer.step_loss(accumulated.losses())}
-        stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, global_count))
+                 "loss": self.trainer.step_loss(accumulated.losses(), uninformative)}
+        stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, divisor))
         stats["train_s"] = accumulated.seconds + time.perf_counter() - start
         self._forget_accumulated()
         if not informative:

@@ -155,7 +155,9 @@ class AlgoConfig:
     aggregation: str = _f("seq_mean", "loss aggregation: seq_mean | token_mean | token_budget")
     token_budget: int = _f(0, "Phi for token_budget aggregation")
     normalize_std: bool = _f(True, "divide GRPO advantages by the group std")
-    filter_uninformative: bool = _f(True, "drop groups whose rewards are all equal (counted)")
+    filter_uninformative: bool = _f(True, "leave groups whose rewards are all equal out of the forward and "
+                                          "backward passes (counted as dropped); their loss is zero and they still "
+                                          "count in the loss's divisor, so the gradient is the same as without")
     routing_replay: bool = _f(False, "R3: the learner routes each token to the experts the generator used")
     icepop: IcePopConfig = field(default_factory=IcePopConfig)
 

@@ -112,11 +112,14 @@ class Trainer:
         self.version += 1
         return grad_norm
 
-    def step_loss(self, parts: list[tuple[float, float]]) -> float:
+    def step_loss(self, parts: list[tuple[float, float]], uninformative_count: float = 0.0) -> float:
         """The whole batch's loss from its micro-batches' (loss, aggregation count): their summed
-        forms add up, as their gradients do."""
+        forms add up, as their gradients do. `uninformative_count`: what the groups left out for
+        carrying no signal add to the divisor (their loss is zero)."""
         summed = sum(loss * count for loss, count in parts)
-        return summed if self.params.aggregation == "token_budget" else summed / sum(count for _, count in parts)
+        if self.params.aggregation == "token_budget":
+            return summed
+        return summed / (sum(count for _, count in parts) + uninformative_count)
 
     def discard_gradients(self) -> None:
         """Forget what `accumulate` added since the last step (a batch that will not be trained)."""
@@ -143,6 +146,15 @@ class Trainer:
         """What the loss aggregation divides by, on this batch (1 for the fixed token budget)."""
         return {"seq_mean": batch.mask_BT.shape[0], "token_mean": batch.num_tokens,
                 "token_budget": 1}[self.params.aggregation]
+
+    def uninformative_count(self, groups: list) -> int:
+        """What `groups`, left out of the forward pass for carrying no signal (rewards all equal,
+        so advantages and loss zero), add to the aggregation's divisor. Counted, they leave the
+        gradient as it would be had they been computed: the filter only saves compute. Nothing
+        under the fixed token budget, whose divisor Phi does not depend on the batch."""
+        completions = [t for group in groups for t in group]
+        return {"seq_mean": len(completions), "token_mean": sum(len(t.completion_tokens) for t in completions),
+                "token_budget": 0}[self.params.aggregation]
 
     def save(self, directory) -> None:
         save_checkpoint(directory, self.model, self.optimizer, {"version": self.version})

@@ -1,6 +1,9 @@
-"""C3PO++ batches on a real Learner actor fed over real ZeroMQ: a round's batch is the groups sent
-in it and before, whatever order they arrive in, the learner computes them while the round is
-still running, and a checkpoint keeps what it has received of the next round."""
+"""Batches on a real Learner actor fed over real ZeroMQ.
+
+C3PO++: a round's batch is the groups sent in it and before, whatever order they arrive in, the
+learner computes them while the round is still running, and a checkpoint keeps what it has
+received of the next round. The group filter: leaving out groups without signal saves their
+compute and changes neither the loss nor the gradient."""
 import asyncio
 import uuid
 
@@ -39,14 +42,15 @@ class RoundGate:
         self.closed.set()
 
 
-def group(prompt_uid: str, sent_in_round: int, vocab: int, rng: np.random.Generator) -> list[Trajectory]:
-    """An informative group (rewards 1, 0, 1, 0) of short completions."""
+def group(prompt_uid: str, sent_in_round: int, vocab: int, rng: np.random.Generator,
+          rewards: tuple[float, ...] = (1.0, 0.0) * (GROUP_SIZE // 2)) -> list[Trajectory]:
+    """A group of short completions, informative unless its `rewards` are all equal."""
     prompt = rng.integers(3, vocab, 4, dtype=np.int32)
     return [Trajectory(uid=f"{prompt_uid}/{i}", prompt_uid=prompt_uid, group=i, round=sent_in_round,
-                       prompt_tokens=prompt, completion_tokens=rng.integers(3, vocab, 6, dtype=np.int32),
-                       behavior_logprobs=np.full(6, -2.5, dtype=np.float32), policy_version=np.zeros(6, dtype=np.int32),
-                       finish_reason="stop", reward=float(i % 2 == 0))
-            for i in range(GROUP_SIZE)]
+                       prompt_tokens=prompt, completion_tokens=rng.integers(3, vocab, length, dtype=np.int32),
+                       behavior_logprobs=np.full(length, -2.5, dtype=np.float32),
+                       policy_version=np.zeros(length, dtype=np.int32), finish_reason="stop", reward=reward)
+            for i, (reward, length) in enumerate(zip(rewards, rng.integers(3, 9, GROUP_SIZE)))]
 
 
 def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_ray, tmp_path):
@@ -87,3 +91,35 @@ def test_a_round_is_trained_on_while_it_runs_and_is_the_groups_sent_in_it(local_
     step = ray.get(resumed.train_step.remote(round_1))
     assert step["fates"] == {"next": "trained"} and step["consumed"] == GROUP_SIZE and step["version"] == 2
     ray.kill(resumed)
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_leaving_out_groups_without_signal_changes_no_gradient(local_ray, aggregation):
+    """Two learners from the same seed take one step on the same batch, one with the filter and one
+    without: the same loss and gradient norm, and only the filtering one leaves a group out."""
+    rng = np.random.default_rng(1)
+    vocab = load_config([]).model.vocab_size
+    batch = [group("mixed", 0, vocab, rng), group("all-right", 0, vocab, rng, rewards=(1.0,) * GROUP_SIZE),
+             group("also-mixed", 0, vocab, rng, rewards=(0.0, 0.0, 1.0, 0.0)),
+             group("all-wrong", 0, vocab, rng, rewards=(0.0,) * GROUP_SIZE)]
+    steps = {}
+    for filtered in (True, False):
+        cfg = load_config(["comm.host=loopback", "algo.mode=async", f"algo.group_size={GROUP_SIZE}",
+                           "algo.prompts_per_step=4", "learner.stream_groups=0", f"algo.aggregation={aggregation}",
+                           f"algo.filter_uninformative={filtered}"])
+        learner = Learner.options(num_cpus=0).remote(cfg, 0)
+        sender = TrajectorySender([ray.get(learner.setup.remote("127.0.0.1", 0))], cfg.comm.hwm, send_timeout_s=30)
+        for trajectories in batch:
+            sender.send_group(trajectories)
+        assert ray.get(learner.collect.remote(10.0))["ready"]
+        steps[filtered] = ray.get(learner.train_step.remote())
+        sender.close()
+        ray.kill(learner)
+
+    filtered, unfiltered = steps[True], steps[False]
+    assert filtered["informative_groups"] == 2 and filtered["fates"]["all-right"] == "uninformative"
+    assert set(unfiltered["fates"].values()) == {"trained"}
+    assert filtered["trained_tokens"] < unfiltered["trained_tokens"]
+    assert filtered["loss"] == pytest.approx(unfiltered["loss"], rel=1e-5, abs=1e-9)
+    assert filtered["grad_norm"] == pytest.approx(unfiltered["grad_norm"], rel=1e-5)
+    assert filtered["grad_norm"] > 0
