@@ -326,18 +326,18 @@ class Learner(BindsCores):
         if not groups:
             return {"consumed": 0, "reward": 0.0, "accuracy": 0.0, "informative_groups": 0,
                     "version": self.trainer.version, "fates": {}}
-        informative, dropped = self._informative(groups)
-        trained = {id(group) for group in informative}
-        fates = {g[0].prompt_uid: "trained" if id(g) in trained else "uninformative" for g in groups}
+        informative, uninformative = self._informative(groups)
+        left_out = {id(group) for group in uninformative}
+        fates = {g[0].prompt_uid: "uninformative" if id(g) in left_out else "trained" for g in groups}
         consumed = sum(len(g) for g in groups)
         self.counters["consumed_samples"] += consumed
-        self.counters["dropped_uninformative"] += dropped * self.cfg.algo.group_size
+        self.counters["dropped_uninformative"] += sum(len(g) for g in uninformative)
         rewards = [t.reward for g in groups for t in g]
         stats = {"consumed": consumed, "reward": sum(rewards) / len(rewards),
                  "accuracy": sum(r == 1.0 for r in rewards) / len(rewards),
                  "informative_groups": len(informative)}
         start = time.perf_counter()
-        stats.update(self._update(informative, groups))
+        stats.update(self._update(informative, uninformative, groups))
         stats["version"] = self.trainer.version
         merged = merge_rank_stats(gather_stats(stats))
         self._publish_metrics(merged, time.perf_counter() - start)
@@ -352,8 +352,9 @@ class Learner(BindsCores):
                               "mean_abs_log_k": step.get("mean_abs_log_k"), "max_lag": max(lags) if lags else None,
                               "version": step["version"]})
 
-    def _update(self, informative: list, groups: list) -> dict:
-        """One optimizer step over all ranks; skipped by all when no rank has a signal."""
+    def _update(self, informative: list, uninformative: list, groups: list) -> dict:
+        """One optimizer step over all ranks; skipped by all when no rank has a signal. The
+        `uninformative` groups are not computed but count in the loss's divisor."""
         accumulated = self.accumulated
         rest = [group for group in informative if group[0].prompt_uid not in accumulated.uids]
         start = time.perf_counter()
@@ -362,16 +363,15 @@ class Learner(BindsCores):
         batch = self._collate(rest or groups) if rest or joins_only else None
         batch_count = self.trainer.aggregation_count(batch) if batch is not None else 0.0
         local_count = sum(accumulated.counts) + (batch_count if rest else 0)
-        kept = {id(group) for group in informative}
-        uninformative = self.trainer.uninformative_count([group for group in groups if id(group) not in kept])
-        trained_count, divisor = all_reduce_sum([local_count, local_count + uninformative])
+        left_out_count = self.trainer.uninformative_count(uninformative)
+        trained_count, divisor = all_reduce_sum([local_count, local_count + left_out_count])
         if trained_count == 0:
             self._forget_accumulated()
             return {}
         if batch is not None:
             accumulated.add(self.trainer.accumulate(batch, weight=1.0 if rest else 0.0), batch_count)
         stats = {**merge_loss_stats(accumulated.parts), "micro_batches": len(accumulated.parts),
-                 "loss": self.trainer.step_loss(accumulated.losses(), uninformative)}
+                 "loss": self.trainer.step_loss(accumulated.losses(), left_out_count)}
         stats["grad_norm"] = self.trainer.finish_step(loss_scale(self.trainer.params.aggregation, 1.0, divisor))
         stats["train_s"] = accumulated.seconds + time.perf_counter() - start
         self._forget_accumulated()
@@ -400,9 +400,9 @@ class Learner(BindsCores):
         self.trainer.discard_gradients()
         self.accumulated = Accumulated()
 
-    def _informative(self, groups: list) -> tuple[list, int]:
-        """(groups to train on, groups dropped for carrying no signal)."""
-        return select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, 0)
+    def _informative(self, groups: list) -> tuple[list, list]:
+        """(groups to train on, groups left out for carrying no signal)."""
+        return select_informative(groups) if self.cfg.algo.filter_uninformative else (groups, [])
 
     def _collate(self, groups: list):
         return collate(groups, self.task.tokenizer.pad_id, self.cfg.algo.normalize_std).to(self.device)

@@ -63,10 +63,10 @@ def group_rewards(groups) -> torch.Tensor:
     return torch.tensor([[t.reward for t in group] for group in groups], dtype=torch.float32)
 
 
-def select_informative(groups) -> tuple[list, int]:
-    """(groups with unequal rewards, number of groups dropped for carrying no signal)."""
+def select_informative(groups) -> tuple[list, list]:
+    """(groups with unequal rewards, groups whose rewards are all equal and so carry no signal)."""
     keep = informative_groups(group_rewards(groups)).tolist()
-    return [g for g, k in zip(groups, keep) if k], keep.count(False)
+    return [g for g, k in zip(groups, keep) if k], [g for g, k in zip(groups, keep) if not k]
 
 
 def collate(groups, pad_id: int, normalize_std: bool = True) -> TrainBatch:
