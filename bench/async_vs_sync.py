@@ -6,7 +6,8 @@ the same actors and the same budget of RL seconds (evaluations pause the clock).
 evaluated on the held-out prompts on a fixed grid of RL seconds, and the asynchronous runs once
 more when they have trained as many samples as that seed's synchronous run.
 
-Prints per mode the mean over seeds (and the range) of: completed samples/s, trained tokens/s,
+Prints the machine's fp32 matmul peak (the MFU denominator: how fast this machine is), then per
+mode the mean over seeds (and the range) of: completed samples/s, trained tokens/s,
 the generator's busy share, MFU, accuracy at the end and at sync's trained samples, maximum lag,
 IcePop's masked fraction and mean |log k| by lag; the overlap bound measured from each sync
 run's own phase times and the efficiency (async/sync completed samples over that bound), and the
@@ -221,7 +222,9 @@ def report(runs: dict[str, list[dict]], args, out: Path) -> None:
     table = {mode: [figures(r, m if mode != baseline else 0) for r, m in zip(summaries, milestones)]
              for mode, summaries in runs.items()}
     keys = list(dict.fromkeys(k for rows in table.values() for row in rows for k in row))
-    print(f"{len(milestones)} seeds, {args.budget_s:g} s of RL each; mean (min..max) over seeds")
+    peak = runs[baseline][0]["steps_records"][0]["generator_peak_flops"]
+    print(f"{len(milestones)} seeds, {args.budget_s:g} s of RL each; mean (min..max) over seeds; "
+          f"the machine's fp32 matmul peak per generator: {peak / 1e9:.1f} GFLOP/s")
     print(f"{'figure':36}" + "".join(f"{mode:>24}" for mode in table)
           + "".join(f"{mode + '/' + baseline:>12}" for mode in table if mode != baseline))
     for key in keys:
