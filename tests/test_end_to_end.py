@@ -210,19 +210,30 @@ def test_attaches_to_existing_cluster_with_named_actors(tmp_path, ray_head):
     assert ray_status(address, env) == 0  # the cluster outlives the run
 
 
+def _with_ctrl_c() -> None:
+    """A terminal's Ctrl-C reaches a run with SIGINT's default action, even where this test runs
+    in the background of a shell, whose children inherit SIGINT ignored (and Python then never
+    raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_actors_and_writes_summary(tmp_path):
     proc = subprocess.Popen([sys.executable, "run.py", f"run.out_dir={tmp_path}", "run.name=e2e",
                              "run.progress=false", "ray.dashboard=false", "learner.warmup_steps=20",
                              "run.steps=100000"],
                             cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    metrics = tmp_path / "e2e" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    output, _ = proc.communicate(timeout=120)
+                            start_new_session=True, preexec_fn=_with_ctrl_c)
+    try:
+        metrics = tmp_path / "e2e" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text().count('"step"') >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        output, _ = proc.communicate(timeout=120)
+    finally:  # a run left behind by a failure would train for hours
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
     assert proc.returncode == 1, output[-3000:]
     assert summary["status"] == "interrupted"
