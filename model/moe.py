@@ -87,6 +87,11 @@ class KVCache:
 # multiple, CPU bf16 attention takes a tail path whose rounding drifts from the full forward's
 # (measured: decode vs full-forward log-probs 0.26 max apart instead of 0.06, tests/test_devices.py)
 KEY_BLOCK = 16
+# without a cache, attention runs the rows of a packed batch in batches of rows of about one length,
+# each padded to its rows' length rounded up to this many positions, not all to the longest row's:
+# long-tail rows (12 to 62 positions in bench/async_vs_sync.py) then cost about their own squared
+# length each (bench/RESULTS.md, "Learner attention by length")
+LENGTH_BLOCK = 16
 
 
 class Layout:
@@ -96,7 +101,8 @@ class Layout:
     Dense: all B * T tokens are real and rows <-> tokens is a reshape. Packed (`lengths_B`):
     row b holds lengths_B[b] real tokens, then padding; the N real tokens alone go through the
     projections, norms, router, experts and LM head, and attention alone puts them back into
-    rows (causal masking keeps padding, which sits after every real token, out of them).
+    rows (causal masking keeps padding, which sits after every real token, out of them): without
+    a cache, rows of about one length together (`row_batches`), each batch padded to its own length.
     With a KV cache, row b continues slot slots_B[b] from position cache.lengths[slot], and
     attention reads only the `live_len` first positions of the cache (rounded up to KEY_BLOCK).
     A decode step (T = 1) over at least half of the cache's slots attends in place: every slot
@@ -115,6 +121,7 @@ class Layout:
         self.slots_B = slots_B
         self.slots_N = None if cache is None else self.tokens(slots_B[:, None].expand(B, T))
         self.in_place = cache is not None and T == 1 and 2 * B >= cache.slots
+        self.row_groups = None if self.index_N is None or cache is not None else _row_groups(lengths_B)
         if cache is not None:
             live_len = int(self.positions_BT.max()) + 1
             self.live_len = min(cache.max_len, -(-live_len // KEY_BLOCK) * KEY_BLOCK)
@@ -135,6 +142,20 @@ class Layout:
         if self.index_N is not None:
             x_N_ = x_N_.new_zeros(self.B * self.T, *x_N_.shape[1:]).index_copy(0, self.index_N, x_N_)
         return x_N_.view(self.B, self.T, *x_N_.shape[1:])
+
+    def row_batches(self, x_N_) -> list:
+        """[N, ...] -> attention's batches of rows, [n, Tb, ...] each: without a cache, one of all B
+        rows when dense, else one per length (rounded up to LENGTH_BLOCK) of a packed batch's rows."""
+        if self.row_groups is None:
+            return [self.rows(x_N_)]
+        return [x_N_.index_select(0, gather).view(n, T, *x_N_.shape[1:]) for gather, n, T in self.row_groups[0]]
+
+    def from_row_batches(self, batches: list):
+        """`row_batches`'s inverse: [N, ...] from the batches' rows (their padding left out)."""
+        if self.row_groups is None:
+            return self.tokens(batches[0])
+        laid_out = torch.cat([batch.reshape(-1, *batch.shape[2:]) for batch in batches])
+        return laid_out.index_select(0, self.row_groups[1])
 
     def cached(self, layer_cache_SGLD):
         """The keys (or values) of attention's rows out of one layer's cache, [R, G, live_len, Dh]."""
@@ -179,13 +200,14 @@ class Attention(nn.Module):
             k = self.rotary(self.k_norm(self.k_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)), rotation)
             v = self.v_proj(x_ND).view(N, self.num_kv_heads, self.head_dim)
             if cache is None:
-                k_BGTDh, v_BGTDh = layout.rows(k).transpose(1, 2), layout.rows(v).transpose(1, 2)
-                out_BTHDh = self._attend(layout.rows(q), k_BGTDh, v_BGTDh, mask=None)
+                out_NHDh = layout.from_row_batches([
+                    self._attend(q_nTHDh, k_nTGDh.transpose(1, 2), v_nTGDh.transpose(1, 2), mask=None)
+                    for q_nTHDh, k_nTGDh, v_nTGDh in zip(*map(layout.row_batches, (q, k, v)))])
             else:
                 keys, values = self._write_cache(cache, k, v, layout)
                 out_RTHDh = self._attend(layout.query_rows(layout.rows(q)), keys, values, mask=layout.key_mask_R1TL)
-                out_BTHDh = layout.batch_rows(out_RTHDh)
-            return self.o_proj(layout.tokens(out_BTHDh).reshape(N, -1))
+                out_NHDh = layout.tokens(layout.batch_rows(out_RTHDh))
+            return self.o_proj(out_NHDh.reshape(N, -1))
 
     def _write_cache(self, cache: KVCache, k_NGDh, v_NGDh, layout: Layout):
         """Write the new keys/values; return the live part of attention's rows, [R, G, live_len, Dh]."""
@@ -206,6 +228,28 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def _row_groups(lengths_B) -> tuple[list[tuple[torch.Tensor, int, int]], torch.Tensor]:
+    """A packed batch's rows grouped by their length rounded up to LENGTH_BLOCK (rows without a
+    token left out): per group (gather, n, Tb), where gather [n * Tb] picks its n rows' tokens among
+    the N packed ones, each row padded to Tb with copies of its last token (causal masking keeps
+    them out of the real tokens' attention, and their outputs are dropped); and, for each of the
+    N tokens, where its output lies among the groups' rows laid end to end."""
+    starts_B = lengths_B.cumsum(0) - lengths_B
+    rounded_B = -(-lengths_B // LENGTH_BLOCK) * LENGTH_BLOCK
+    groups, place_N, laid_out = [], torch.empty(int(lengths_B.sum()), dtype=torch.long, device=lengths_B.device), 0
+    for T in rounded_B.unique().tolist():
+        if T == 0:
+            continue
+        rows = (rounded_B == T).nonzero().squeeze(1)
+        steps_nT = torch.arange(T, device=lengths_B.device).expand(len(rows), T)
+        real_nT = steps_nT < lengths_B[rows, None]
+        tokens_nT = starts_B[rows, None] + torch.minimum(steps_nT, lengths_B[rows, None] - 1)
+        place_N[tokens_nT[real_nT]] = laid_out + torch.arange(len(rows) * T, device=lengths_B.device)[real_nT.flatten()]
+        groups.append((tokens_nT.flatten(), len(rows), T))
+        laid_out += len(rows) * T
+    return groups, place_N
 
 
 def decode_attention(q_B1HDh, k_BGLDh, v_BGLDh, mask_B11L):

@@ -8,6 +8,7 @@ from conf.schema import AlgoConfig, LearnerConfig
 from learner.batch import collate, collate_demonstrations, input_lengths
 from learner.losses import icepop_loss, sequence_logprobs
 from learner.trainer import Trainer
+from model.moe import LENGTH_BLOCK, Layout
 from tests.test_model import tiny_model
 
 
@@ -55,6 +56,21 @@ def gradients(model) -> dict[str, torch.Tensor]:
 def test_input_lengths_end_at_the_last_completion_target():
     mask_BT = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     assert input_lengths(mask_BT).tolist() == [4, 5, 0]
+
+
+def test_attention_takes_rows_of_about_one_length_together():
+    lengths_B = torch.tensor([3, 20, 0, 17, 16, 40])
+    layout = Layout(len(lengths_B), 40, "cpu", lengths_B)
+    x_N = torch.arange(int(lengths_B.sum())).float()
+    batches = layout.row_batches(x_N)
+    assert [tuple(batch.shape) for batch in batches] == [(2, LENGTH_BLOCK), (2, 2 * LENGTH_BLOCK), (1, 3 * LENGTH_BLOCK)]
+    starts_B = (lengths_B.cumsum(0) - lengths_B).tolist()
+    for batch, rows in zip(batches, [[0, 4], [1, 3], [5]]):  # the empty row 2 is in none
+        for row_tokens, row in zip(batch, rows):
+            real = torch.arange(starts_B[row], starts_B[row] + int(lengths_B[row])).float()
+            assert torch.equal(row_tokens[: len(real)], real)
+            assert (row_tokens[len(real):] == real[-1]).all()  # padded with its last token, after it
+    assert torch.equal(layout.from_row_batches(batches), x_N)
 
 
 @pytest.mark.parametrize("replay", [False, True])
