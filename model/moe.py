@@ -121,7 +121,8 @@ class Layout:
         self.slots_B = slots_B
         self.slots_N = None if cache is None else self.tokens(slots_B[:, None].expand(B, T))
         self.in_place = cache is not None and T == 1 and 2 * B >= cache.slots
-        self.row_groups = None if self.index_N is None or cache is not None else _row_groups(lengths_B)
+        packed_without_cache = self.index_N is not None and cache is None
+        self.row_groups, self.places_N = _row_groups(lengths_B) if packed_without_cache else (None, None)
         if cache is not None:
             live_len = int(self.positions_BT.max()) + 1
             self.live_len = min(cache.max_len, -(-live_len // KEY_BLOCK) * KEY_BLOCK)
@@ -148,14 +149,14 @@ class Layout:
         rows when dense, else one per length (rounded up to LENGTH_BLOCK) of a packed batch's rows."""
         if self.row_groups is None:
             return [self.rows(x_N_)]
-        return [x_N_.index_select(0, gather).view(n, T, *x_N_.shape[1:]) for gather, n, T in self.row_groups[0]]
+        return [x_N_.index_select(0, gather).view(n, T, *x_N_.shape[1:]) for gather, n, T in self.row_groups]
 
     def from_row_batches(self, batches: list):
         """`row_batches`'s inverse: [N, ...] from the batches' rows (their padding left out)."""
         if self.row_groups is None:
             return self.tokens(batches[0])
         laid_out = torch.cat([batch.reshape(-1, *batch.shape[2:]) for batch in batches])
-        return laid_out.index_select(0, self.row_groups[1])
+        return laid_out.index_select(0, self.places_N)
 
     def cached(self, layer_cache_SGLD):
         """The keys (or values) of attention's rows out of one layer's cache, [R, G, live_len, Dh]."""
